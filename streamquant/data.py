@@ -1,0 +1,85 @@
+"""Text in, token windows out: evaluation windows (fixed, from the start) and seeded calibration windows."""
+from __future__ import annotations
+
+import importlib.util
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from streamquant.errors import UserError
+
+DEFAULT_TEXT = "default"
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
+        raise UserError(f"cannot load a tokenizer from {model_dir}: {str(exc).splitlines()[0]}") from exc
+
+
+def read_text(source: str) -> str:
+    """A text file path, 'default' (a small public-domain text shipped with the package), or a Hub dataset
+    'name[:config]:split' when the `datasets` package is installed."""
+    if source == DEFAULT_TEXT:
+        return resources.files("streamquant").joinpath("data/default_calib.txt").read_text(encoding="utf-8")
+    path = Path(source).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"data file {path} is not UTF-8 text") from exc
+    if path.exists():
+        raise UserError(f"data path {path} is a directory; pass a text file")
+    if ":" in source and importlib.util.find_spec("datasets") is not None:
+        return _hub_text(source)
+    raise UserError(f"data file {path} does not exist (or pass 'name[:config]:split' with `datasets` installed)")
+
+
+def _hub_text(source: str) -> str:
+    import datasets
+
+    name, *config, split = source.split(":")
+    try:
+        ds = datasets.load_dataset(name, config[0] if config else None, split=split)
+    except Exception as exc:
+        raise UserError(f"cannot load dataset {source}: {str(exc).splitlines()[0]}") from exc
+    column = "text" if "text" in ds.column_names else ds.column_names[0]
+    return "\n\n".join(ds[column])
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids exactly as `tokenizer(text).input_ids` with the tokenizer's defaults (comparable with others' PPL)."""
+    ids = tokenizer(text, verbose=False).input_ids
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, windows: int | None) -> torch.Tensor:
+    """Non-overlapping windows of `seqlen` tokens from the start: [W, seqlen]."""
+    if seqlen < 2:
+        raise UserError(f"--seqlen must be at least 2 (got {seqlen})")
+    available = ids.numel() // seqlen
+    if available == 0:
+        raise UserError(f"the data has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}")
+    count = available if windows is None else windows
+    if count < 1:
+        raise UserError(f"--windows must be at least 1 (got {count})")
+    if count > available:
+        raise UserError(f"the data holds only {available} windows of {seqlen} tokens, --windows asked for {count}")
+    return ids[: count * seqlen].view(count, seqlen).clone()
+
+
+def calibration_windows(ids: torch.Tensor, seqlen: int, samples: int, seed: int) -> torch.Tensor:
+    """`samples` random windows of `seqlen` tokens, reproducible from `seed`: [samples, seqlen]."""
+    if seqlen < 2:
+        raise UserError(f"--seqlen must be at least 2 (got {seqlen})")
+    if samples < 1:
+        raise UserError(f"--samples must be at least 1 (got {samples})")
+    if ids.numel() <= seqlen:
+        raise UserError(f"the calibration data has {ids.numel()} tokens, not more than one window of {seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (samples,), generator=gen)
+    return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])

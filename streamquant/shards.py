@@ -1,0 +1,199 @@
+"""Safetensors shards read lazily: headers for planning, one decoder block at a time for compute.
+
+I/O only, no math. Headers are parsed by hand (8-byte length + JSON) so that planning and validation never touch
+tensor data, and a truncated or corrupt shard is reported with the file and tensor it breaks.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from streamquant.errors import UserError
+from streamquant.spec import ModelSpec
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_header(file: Path) -> dict[str, TensorEntry]:
+    """Parse one shard's header and check every tensor's byte range lies inside the file."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            raw_len = fh.read(8)
+            if len(raw_len) < 8:
+                raise UserError(f"{file.name}: not a safetensors file (shorter than its 8-byte header length)")
+            (hlen,) = struct.unpack("<Q", raw_len)
+            if hlen > size - 8 or hlen > 100_000_000:
+                raise UserError(f"{file.name}: corrupt safetensors header (declared length {hlen} B, file {size} B)")
+            header = json.loads(fh.read(hlen))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{file.name}: corrupt safetensors header ({exc})") from exc
+    except OSError as exc:
+        raise UserError(f"{file}: cannot read ({exc.strerror})") from exc
+    data_start = 8 + hlen
+    entries: dict[str, TensorEntry] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{file.name}: corrupt header entry for tensor {name}") from exc
+        numel = 1
+        for d in shape:
+            numel *= d
+        if dtype in DTYPE_BYTES and end - begin != numel * DTYPE_BYTES[dtype]:
+            raise UserError(f"{file.name}: tensor {name} header says {shape} {dtype} but spans {end - begin} bytes")
+        if data_start + end > size:
+            raise UserError(f"{file.name} is truncated: tensor {name} needs bytes up to {data_start + end}, "
+                            f"file has {size}")
+        entries[name] = TensorEntry(name, file, dtype, shape, end - begin)
+    return entries
+
+
+class ShardIndex:
+    """Which tensor lives in which shard, grouped as embedding / block i / final norm / lm_head."""
+
+    def __init__(self, model_dir: Path, spec: ModelSpec):
+        self.model_dir = Path(model_dir)
+        self.spec = spec
+        files = self._shard_files()
+        self.entries: dict[str, TensorEntry] = {}
+        for f in files:
+            self.entries.update(read_header(f))
+        self.blocks: list[dict[str, TensorEntry]] = [dict() for _ in range(spec.num_layers)]
+        for name, entry in self.entries.items():
+            m = _LAYER.match(name)
+            if m and int(m.group(1)) < spec.num_layers:
+                self.blocks[int(m.group(1))][m.group(2)] = entry
+        self._check()
+
+    def _shard_files(self) -> list[Path]:
+        index = self.model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise UserError(f"{index} is not a valid safetensors index ({exc})") from exc
+            files = sorted({self.model_dir / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise UserError(f"shard {missing[0]} named in {index.name} is missing from {self.model_dir}")
+            return files
+        files = sorted(self.model_dir.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{self.model_dir} holds no .safetensors files (pickled .bin checkpoints are not read)")
+        return files
+
+    def _check(self) -> None:
+        """Shapes from the headers must match config.json before any compute starts."""
+        spec = self.spec
+        expected = spec.block_shapes()
+        for i, block in enumerate(self.blocks):
+            for rel, shape in expected.items():
+                entry = block.get(rel)
+                if entry is None:
+                    raise UserError(f"tensor model.layers.{i}.{rel} is missing from the shards in {self.model_dir}")
+                if entry.shape != shape:
+                    raise UserError(f"{entry.file.name}: tensor model.layers.{i}.{rel} has shape {list(entry.shape)}, "
+                                    f"config.json implies {list(shape)}")
+        self._expect(EMBED, (spec.vocab_size, spec.hidden_size))
+        self._expect(FINAL_NORM, (spec.hidden_size,))
+        if not spec.tie_word_embeddings:
+            self._expect(LM_HEAD, (spec.vocab_size, spec.hidden_size))
+
+    def _expect(self, name: str, shape: tuple[int, ...]) -> None:
+        entry = self.entries.get(name)
+        if entry is None:
+            raise UserError(f"tensor {name} is missing from the shards in {self.model_dir}")
+        if entry.shape != shape:
+            raise UserError(f"{entry.file.name}: tensor {name} has shape {list(entry.shape)}, config.json implies {list(shape)}")
+
+    # --- sizes, from headers only ---
+    def block_bytes(self, i: int) -> int:
+        return sum(e.nbytes for e in self.blocks[i].values())
+
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    # --- reads ---
+    def _read(self, entries: dict[str, TensorEntry], pin: bool = False) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[tuple[str, TensorEntry]]] = {}
+        for key, entry in entries.items():
+            by_file.setdefault(entry.file, []).append((key, entry))
+        out: dict[str, torch.Tensor] = {}
+        for file, items in by_file.items():
+            key = ""
+            try:
+                with safe_open(str(file), framework="pt") as fh:
+                    for key, entry in items:
+                        t = fh.get_tensor(entry.name)
+                        out[key] = t.pin_memory() if pin else t
+            except UserError:
+                raise
+            except Exception as exc:  # safetensors raises its own error types for corrupt data
+                raise UserError(f"{file.name}: cannot read tensor {items[0][1].name if not key else key}: "
+                                f"{str(exc).splitlines()[0]}") from exc
+        return out
+
+    def load_block(self, i: int, pin: bool = False) -> dict[str, torch.Tensor]:
+        """Tensors of block i only (names relative to the block), even when the block straddles shard files."""
+        return self._read(self.blocks[i], pin)
+
+    def load_embedding(self) -> torch.Tensor:
+        return self._read({EMBED: self.entries[EMBED]})[EMBED]
+
+    def load_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final norm weight and lm_head weight (the embedding table when tied)."""
+        name = EMBED if self.spec.tie_word_embeddings or LM_HEAD not in self.entries else LM_HEAD
+        t = self._read({FINAL_NORM: self.entries[FINAL_NORM], name: self.entries[name]})
+        return t[FINAL_NORM], t[name]
+
+
+class BlockPrefetcher:
+    """Reads block i+1 on a background thread while block i computes (pinned when CUDA will consume it)."""
+
+    def __init__(self, index: ShardIndex, pin: bool = False):
+        self.index = index
+        self.pin = pin
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sq-prefetch")
+        self._pending: dict[int, Future] = {}
+
+    def prefetch(self, i: int) -> None:
+        if 0 <= i < self.index.spec.num_layers and i not in self._pending:
+            self._pending[i] = self._pool.submit(self.index.load_block, i, self.pin)
+
+    def get(self, i: int) -> dict[str, torch.Tensor]:
+        self.prefetch(i)
+        return self._pending.pop(i).result()
+
+    def close(self) -> None:
+        for fut in self._pending.values():
+            fut.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "BlockPrefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

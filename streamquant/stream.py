@@ -1,0 +1,191 @@
+"""The streaming engine: run all samples through one decoder block at a time.
+
+Hidden states for every sample live in one host buffer [samples, seqlen, hidden]; a block's weights are built into
+transformers' own decoder-layer class for the architecture, micro-batches move to the device, run, and come back.
+Only the block being computed and the one being prefetched are ever materialised.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from streamquant.shards import BlockPrefetcher, ShardIndex
+from streamquant.spec import ModelSpec, hf_config
+
+_CLASSES = {
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding"),
+    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralDecoderLayer", "MistralRotaryEmbedding"),
+    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2DecoderLayer", "Qwen2RotaryEmbedding"),
+}
+
+
+def _hf_class(model_type: str, which: int):
+    module, *names = _CLASSES[model_type]
+    return getattr(importlib.import_module(module), names[which])
+
+
+def build_layer(config, model_type: str, index: int, weights: dict[str, torch.Tensor],
+                dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """transformers' decoder layer for this architecture holding exactly `weights` (no random init, no copy kept)."""
+    with torch.device("meta"):
+        layer = _hf_class(model_type, 0)(config, layer_idx=index)
+    state = {k: v.to(device=device, dtype=dtype, non_blocking=True) for k, v in weights.items()}
+    layer.load_state_dict(state, strict=True, assign=True)
+    return layer.eval()
+
+
+@dataclass
+class Engine:
+    """Micro-batched execution of blocks over a host buffer of hidden states."""
+
+    spec: ModelSpec
+    device: torch.device
+    dtype: torch.dtype
+    micro_batch: int
+    pin: bool = False
+    config: object = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.config is None:
+            self.config = hf_config(self.spec)
+        self._rotary = _hf_class(self.spec.model_type, 1)(config=self.config).to(self.device)
+        self._pos_cache: dict[int, tuple] = {}
+
+    def build_layer(self, index: int, weights: dict[str, torch.Tensor]) -> nn.Module:
+        return build_layer(self.config, self.spec.model_type, index, weights, self.dtype, self.device)
+
+    def position_embeddings(self, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if seqlen not in self._pos_cache:
+            pos = torch.arange(seqlen, device=self.device)[None]
+            probe = torch.empty(1, seqlen, 1, device=self.device, dtype=self.dtype)
+            self._pos_cache[seqlen] = self._rotary(probe, pos)
+        return self._pos_cache[seqlen]
+
+    def attention_mask(self, seqlen: int) -> torch.Tensor | None:
+        """None lets SDPA use its causal kernel; a sliding window shorter than the sequence needs an explicit mask."""
+        window = self.spec.sliding_window
+        if not window or seqlen <= window:
+            return None
+        i = torch.arange(seqlen, device=self.device)
+        allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+        mask = torch.zeros(seqlen, seqlen, device=self.device, dtype=self.dtype)
+        return mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[None, None]
+
+    def new_buffer(self, samples: int, seqlen: int) -> torch.Tensor:
+        buf = torch.empty(samples, seqlen, self.spec.hidden_size, dtype=self.dtype)
+        return buf.pin_memory() if self.pin else buf
+
+    def micro_batches(self, samples: int) -> Iterator[slice]:
+        for start in range(0, samples, self.micro_batch):
+            yield slice(start, min(samples, start + self.micro_batch))
+
+    @torch.inference_mode()
+    def embed(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.new_buffer(*ids.shape)
+        for sl in self.micro_batches(ids.shape[0]):
+            hidden[sl] = F.embedding(ids[sl], table).to(self.dtype)
+        return hidden
+
+    @torch.inference_mode()
+    def run_block(self, layer: nn.Module, hidden: torch.Tensor) -> None:
+        """hidden <- layer(hidden), in place, micro-batch by micro-batch."""
+        seqlen = hidden.shape[1]
+        pos, mask = self.position_embeddings(seqlen), self.attention_mask(seqlen)
+        for sl in self.micro_batches(hidden.shape[0]):
+            x = hidden[sl].to(self.device, non_blocking=True)
+            y = layer(x, attention_mask=mask, position_embeddings=pos)
+            hidden[sl].copy_(y[0] if isinstance(y, tuple) else y)
+
+    @torch.inference_mode()
+    def head_nll(self, norm_weight: torch.Tensor, head_weight: torch.Tensor, hidden: torch.Tensor,
+                 ids: torch.Tensor, norm_eps: float) -> torch.Tensor:
+        """Mean next-token NLL of each sample (fp32 log-softmax; logits never kept for more than one sample)."""
+        norm_w = norm_weight.to(self.device, self.dtype)
+        head_w = head_weight.to(self.device, self.dtype)
+        out = torch.empty(hidden.shape[0], dtype=torch.float64)
+        for s in range(hidden.shape[0]):
+            logits = self._logits(hidden[s:s + 1].to(self.device), norm_w, head_w, norm_eps)
+            target = ids[s:s + 1, 1:].to(self.device)
+            out[s] = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten()).double().cpu()
+        return out
+
+    @torch.inference_mode()
+    def head_logits(self, norm_weight: torch.Tensor, head_weight: torch.Tensor, hidden: torch.Tensor,
+                    norm_eps: float) -> torch.Tensor:
+        norm_w, head_w = norm_weight.to(self.device, self.dtype), head_weight.to(self.device, self.dtype)
+        return torch.cat([self._logits(hidden[sl].to(self.device), norm_w, head_w, norm_eps).float().cpu()
+                          for sl in self.micro_batches(hidden.shape[0])])
+
+    @staticmethod
+    def _logits(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm exactly as the Llama family computes it (in fp32), then lm_head."""
+        x32 = x.float()
+        x = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return F.linear(norm_w * x, head_w)
+
+
+class BlockSource(Protocol):
+    """Anything that can hand the engine an embedding table, block i as a module, and the head."""
+
+    spec: ModelSpec
+
+    def embedding(self) -> torch.Tensor: ...
+    def layers(self, engine: Engine) -> Iterator[tuple[int, nn.Module]]: ...
+    def head(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class CheckpointSource:
+    """An unmodified safetensors checkpoint, streamed block by block with the next block prefetched."""
+
+    def __init__(self, index: ShardIndex):
+        self.index = index
+        self.spec = index.spec
+
+    def embedding(self) -> torch.Tensor:
+        return self.index.load_embedding()
+
+    def layers(self, engine: Engine) -> Iterator[tuple[int, nn.Module]]:
+        with BlockPrefetcher(self.index, pin=engine.pin) as prefetcher:
+            for i in range(self.spec.num_layers):
+                weights = prefetcher.get(i)
+                prefetcher.prefetch(i + 1)
+                layer = engine.build_layer(i, weights)
+                del weights
+                yield i, layer
+                del layer
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.index.load_head()
+
+
+def stream_hidden(source: BlockSource, engine: Engine, ids: torch.Tensor,
+                  on_block: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Embedding -> blocks 0..L-1, returning the host buffer of final hidden states (before the final norm)."""
+    table = source.embedding()
+    hidden = engine.embed(table, ids)
+    del table
+    for i, layer in source.layers(engine):
+        engine.run_block(layer, hidden)
+        del layer
+        if on_block is not None:
+            on_block(i)
+    return hidden
+
+
+def stream_nll(source: BlockSource, engine: Engine, ids: torch.Tensor,
+               on_block: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Per-window mean next-token NLL from a streamed forward."""
+    hidden = stream_hidden(source, engine, ids, on_block)
+    norm_w, head_w = source.head()
+    return engine.head_nll(norm_w, head_w, hidden, ids, source.spec.rms_norm_eps)
+
+
+def stream_logits(source: BlockSource, engine: Engine, ids: torch.Tensor) -> torch.Tensor:
+    hidden = stream_hidden(source, engine, ids)
+    norm_w, head_w = source.head()
+    return engine.head_logits(norm_w, head_w, hidden, source.spec.rms_norm_eps)

