@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
@@ -31,12 +32,31 @@ def block_progress(label: str, total: int, quiet: bool = False) -> Iterator[Call
         yield lambda i: progress.update(task, completed=i + 1)
 
 
+@contextmanager
+def stage_progress(quiet: bool = False) -> Iterator[Callable[[str, int, int], None]]:
+    """One progress bar per pipeline stage, on stderr."""
+    if quiet or not err.is_terminal and os.environ.get("STREAMQUANT_PROGRESS") != "1":
+        yield lambda stage, done, total: None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err) as progress:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done)
+        yield update
+
+
 def emit(result: dict, as_json: bool, title: str) -> None:
     if as_json:
         print(json.dumps(result))
         return
     table = Table(title=title, show_header=False)
     for key, value in result.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value)[:120]
         table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
     Console().print(table)
 
@@ -89,6 +109,68 @@ def info_cmd(
     emit(result, as_json, "streamquant info")
 
 
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '23GB', '1048576' -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGTIB")
+    try:
+        value = float(num) * units[t[len(num):]]
+    except (ValueError, KeyError):
+        raise UserError(f"cannot read {text!r} as a size (use e.g. 512MiB, 2GiB, 23GB)") from None
+    if value <= 0:
+        raise UserError(f"size {text!r} must be positive")
+    return int(value)
+
+
+@app.command("run")
+def run_cmd(
+    model: str = typer.Argument(..., help="Local directory, Hub id, or 'smollm2-135m'."),
+    out: Optional[str] = typer.Option(None, help="Output directory (rotations, report; quantized blocks)."),
+    method: str = typer.Option("dart", help="dart (learned R1/R2), quarot (random Hadamard), none."),
+    w_bits: int = typer.Option(4, help="Weight bits (16 = off)."),
+    a_bits: int = typer.Option(4, help="Activation bits, per-token asymmetric (16 = off)."),
+    kv_bits: int = typer.Option(16, help="KV-cache bits (16 = off)."),
+    weights: str = typer.Option("rtn", help="Weight quantizer: rtn or gptq."),
+    group_size: int = typer.Option(-1, help="Weight group size (-1 = per output channel)."),
+    a_clip: float = typer.Option(0.9, help="Activation clip ratio."),
+    calib: str = typer.Option("default", help="Calibration text: file, 'default', or name[:config]:split."),
+    samples: int = typer.Option(128, help="Calibration windows."),
+    seqlen: int = typer.Option(2048, help="Tokens per calibration (and evaluation) window."),
+    seed: int = typer.Option(0),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    device: str = typer.Option("auto"),
+    micro_batch: Optional[int] = typer.Option(None, help="Samples per micro-batch (default: planned)."),
+    r1_reservoir: str = typer.Option("256MiB", help="Byte budget of the sampled R1 calibration reservoir."),
+    r1_epochs: int = typer.Option(10), r2_epochs: int = typer.Option(5),
+    eval: Optional[str] = typer.Option(None, "--eval", help="End with the quantized model's perplexity on this text."),
+    eval_windows: Optional[int] = typer.Option(None, help="Evaluate the first N windows (default: all)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
+) -> None:
+    """Quantize: capture → calibrate R1 → per block rotate, calibrate R2, quantize, write."""
+    from dataclasses import replace as dc_replace
+
+    from streamquant.pipeline import Pipeline, RunConfig
+    from streamquant.rotate.dart import R1_CONFIG, R2_CONFIG
+
+    cfg = RunConfig(model=model, out=None if out is None else Path(out), method=method, w_bits=w_bits, a_bits=a_bits,
+                    kv_bits=kv_bits, weights=weights, group_size=group_size, a_clip=a_clip, calib=calib,
+                    samples=samples, seqlen=seqlen, seed=seed, dtype=dtype, device=device, micro_batch=micro_batch,
+                    r1_reservoir_bytes=parse_bytes(r1_reservoir), r1_train=dc_replace(R1_CONFIG, epochs=r1_epochs),
+                    r2_train=dc_replace(R2_CONFIG, epochs=r2_epochs), eval=eval, eval_windows=eval_windows)
+    sink = None
+    if out is not None:
+        from streamquant.writer import OutputWriter
+
+        sink = OutputWriter(Path(out), resume=resume, overwrite=overwrite)
+    with stage_progress() as on_progress:
+        result = Pipeline(cfg, on_progress, sink).run()
+    emit(result, as_json, "streamquant run")
+
+
 def main() -> None:
     """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
     try:
@@ -104,10 +186,8 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # click's usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:  # click's usage errors (typer may vendor its own click) and anything unexpected
+        if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
             err.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
         if os.environ.get("STREAMQUANT_DEBUG"):

@@ -125,5 +125,7 @@ def hf_config(spec: ModelSpec):
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(**{k: v for k, v in spec.raw.items() if k not in ("architectures", "quantization_config")})
-    config._attn_implementation = "sdpa"
+    from streamquant.qblock import ATTENTION  # registers SDPA with streamquant's online R3 / KV quantizer hooks
+
+    config._attn_implementation = ATTENTION
     return config

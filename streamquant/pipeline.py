@@ -1,0 +1,355 @@
+"""DartQuant on a stream of blocks, read top to bottom like the paper:
+
+    capture  →  calibrate R1  →  per block: rotate (σ, R1, R4) → calibrate R2 → quantize (RTN | GPTQ) → write
+                                                                  → run the quantized block → next block's inputs
+
+Only one block's weights (plus the prefetched one) exist at any time. Calibration hidden states and the evaluation
+hidden states travel through the *quantized* blocks, so the next block is calibrated on what the real quantized
+model feeds it and the run can end with the quantized model's perplexity without reloading anything.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from streamquant.data import calibration_windows, eval_windows, load_tokenizer, read_text, tokenize
+from streamquant.errors import UserError
+from streamquant.kernels.hadamard import random_hadamard_matrix
+from streamquant.plan import micro_batch_for, peak_gpu_bytes, peak_host_bytes, pin_host_memory, resolve_device, resolve_dtype
+from streamquant.qblock import QLinear, Runtime, qlinears
+from streamquant.quant.gptq import GPTQ
+from streamquant.quant.quantizers import ActQuantConfig, WeightQuantConfig
+from streamquant.rotate.dart import R1_CONFIG, R2_CONFIG, RotationTrainConfig, train_r1, train_r2
+from streamquant.rotate.fuse import fuse_embedding, fuse_head, fuse_r2
+from streamquant.rotate.model import build_rotated_layer, quantize_layer_rtn, rotate_block
+from streamquant.shards import BlockPrefetcher, ShardIndex
+from streamquant.source import resolve_model
+from streamquant.spec import ModelSpec, read_spec
+from streamquant.stream import Engine
+
+METHODS = ("dart", "quarot", "none")
+# GPTQ order inside a block: each group sees inputs produced by the already-quantized groups before it.
+GPTQ_ORDER = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+              ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+@dataclass
+class RunConfig:
+    model: str
+    out: Path | None = None
+    method: str = "dart"
+    w_bits: int = 4
+    a_bits: int = 4
+    kv_bits: int = 16
+    weights: str = "rtn"              # rtn | gptq
+    group_size: int = -1
+    w_symmetric: bool = True
+    a_clip: float = 0.9
+    calib: str = "default"
+    samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    micro_batch: int | None = None
+    r1_reservoir_bytes: int = 256 << 20
+    r2_tokens: int = 16384
+    r1_train: RotationTrainConfig = field(default_factory=lambda: replace(R1_CONFIG))
+    r2_train: RotationTrainConfig = field(default_factory=lambda: replace(R2_CONFIG))
+    eval: str | None = None
+    eval_windows: int | None = None
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"--method must be one of {', '.join(METHODS)} (got {self.method!r})")
+        if self.weights not in ("rtn", "gptq"):
+            raise UserError(f"--weights must be rtn or gptq (got {self.weights!r})")
+        for name, bits in (("--w-bits", self.w_bits), ("--a-bits", self.a_bits), ("--kv-bits", self.kv_bits)):
+            if not (2 <= bits <= 8 or bits == 16):
+                raise UserError(f"{name} must be between 2 and 8, or 16 for off (got {bits})")
+        if not 0 < self.a_clip <= 1:
+            raise UserError(f"--a-clip must be in (0, 1] (got {self.a_clip})")
+
+    @property
+    def weight_cfg(self) -> WeightQuantConfig | None:
+        return None if self.w_bits >= 16 else WeightQuantConfig(self.w_bits, self.group_size, self.w_symmetric)
+
+
+class Hooks:
+    """Forward pre-hooks that copy a sampled subset of a module's input rows into a host buffer."""
+
+    def __init__(self):
+        self.handles: list = []
+
+    def sample(self, module: nn.Module, rows: torch.Tensor, out: torch.Tensor, transform=None) -> None:
+        """rows: sorted flat token indices over the whole calibration buffer; filled in micro-batch order."""
+        state = {"offset": 0, "filled": 0}
+
+        def hook(mod, args):
+            x = args[0]
+            x = x if transform is None else transform(mod, x)
+            flat = x.reshape(-1, x.shape[-1])
+            lo, hi = state["offset"], state["offset"] + flat.shape[0]
+            start = int(torch.searchsorted(rows, lo))
+            stop = int(torch.searchsorted(rows, hi))
+            if stop > start:
+                out[state["filled"]: state["filled"] + stop - start] = flat[rows[start:stop] - lo].to(out.dtype).cpu()
+            state["offset"], state["filled"] = hi, state["filled"] + stop - start
+
+        self.handles.append(module.register_forward_pre_hook(hook))
+
+    def each_input(self, module: nn.Module, fn: Callable[[torch.Tensor], None], transform=None) -> None:
+        def hook(mod, args):
+            fn(args[0] if transform is None else transform(mod, args[0]))
+
+        self.handles.append(module.register_forward_pre_hook(hook))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _token_subset(total: int, count: int, gen: torch.Generator) -> torch.Tensor:
+    count = min(total, count)
+    return torch.randperm(total, generator=gen)[:count].sort().values
+
+
+@dataclass
+class Stats:
+    seconds: dict[str, float] = field(default_factory=dict)
+    r1: dict = field(default_factory=dict)
+    r2: list[dict] = field(default_factory=list)
+    gptq_loss: list[dict] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+
+    def time(self, stage: str, t0: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+
+class Pipeline:
+    """One quantization run. `run()` wires the stages; each stage method states its inputs and outputs."""
+
+    def __init__(self, cfg: RunConfig, on_progress: Callable[[str, int, int], None] | None = None, sink=None):
+        cfg.check()
+        self.cfg = cfg
+        self.progress = on_progress or (lambda stage, done, total: None)
+        self.sink = sink                      # writer: receives rotations, finished blocks, head, report
+        self.model_dir = resolve_model(cfg.model)
+        self.spec: ModelSpec = read_spec(self.model_dir)
+        self.index = ShardIndex(self.model_dir, self.spec)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        mb = cfg.micro_batch or micro_batch_for(cfg.seqlen, self.spec.hidden_size, self.spec.intermediate_size, self.dtype)
+        self.engine = Engine(self.spec, self.device, self.dtype, mb, pin=pin_host_memory(self.device))
+        rotated = cfg.method != "none"
+        self.runtime = Runtime(
+            r3_seed=cfg.seed + 3 if rotated and cfg.kv_bits < 16 else None,   # R3 only matters for a quantized KV cache
+            r4_seed=cfg.seed + 4 if rotated else None,
+            act=ActQuantConfig(bits=cfg.a_bits, clip_ratio=cfg.a_clip),
+            kv_bits=cfg.kv_bits,
+        )
+        self.stats = Stats()
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    # ---- data ----
+    def load_data(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tok = load_tokenizer(self.model_dir)
+        calib = calibration_windows(tokenize(tok, read_text(self.cfg.calib)), self.cfg.seqlen, self.cfg.samples, self.cfg.seed)
+        evals = None
+        if self.cfg.eval:
+            evals = eval_windows(tokenize(tok, read_text(self.cfg.eval)), self.cfg.seqlen, self.cfg.eval_windows)
+        return calib, evals
+
+    # ---- stage 1: capture ----
+    def capture(self, calib: torch.Tensor) -> torch.Tensor:
+        """Full-precision pass; returns a reservoir [rows, hidden] of normalised block inputs (attention and MLP
+        sides), sampled uniformly over layers and tokens within the --r1-reservoir byte budget."""
+        spec, engine = self.spec, self.engine
+        total = calib.numel()
+        per_side = max(1, self.cfg.r1_reservoir_bytes // (4 * spec.hidden_size) // (2 * spec.num_layers))
+        per_side = min(per_side, total)
+        reservoir = torch.empty(2 * spec.num_layers * per_side, spec.hidden_size, dtype=torch.float32)
+        reservoir = reservoir.pin_memory() if engine.pin else reservoir
+        hidden = engine.embed(self.index.load_embedding(), calib)
+        plain = Runtime()
+        with BlockPrefetcher(self.index, pin=engine.pin) as prefetch:
+            for i in range(spec.num_layers):
+                weights = prefetch.get(i)
+                prefetch.prefetch(i + 1)
+                layer = build_rotated_layer(engine, i, rotate_block(weights, spec, None, None, None), plain)
+                del weights
+                hooks = Hooks()
+                for side, module in enumerate((layer.self_attn.q_proj, layer.mlp.up_proj)):
+                    start = (2 * i + side) * per_side
+                    hooks.sample(module, _token_subset(total, per_side, self.gen), reservoir[start: start + per_side])
+                engine.run_block(layer, hidden)
+                hooks.remove()
+                del layer
+                self.progress("capture", i + 1, spec.num_layers)
+        return reservoir
+
+    # ---- stage 2: R1 ----
+    def calibrate_r1(self, reservoir: torch.Tensor | None) -> torch.Tensor | None:
+        n = self.spec.hidden_size
+        if self.cfg.method == "none":
+            return None
+        if self.cfg.method == "quarot":
+            return random_hadamard_matrix(n, self.cfg.seed)
+        result = train_r1(reservoir, n, replace(self.cfg.r1_train, seed=self.cfg.seed), self.cfg.seed,
+                          device=self.device, log=self.stats.log.append)
+        self.stats.r1 = {"init_loss": result.init_loss, "final_loss": result.final_loss, "steps": result.steps,
+                         "loss_per_epoch": result.loss_history, "seconds": result.seconds}
+        return result.rotation
+
+    # ---- stage 3, per block ----
+    def calibrate_r2(self, i: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+        """R2 per KV head from this block's o_proj inputs (one pass over the calibration buffer)."""
+        spec, cfg = self.spec, self.cfg
+        if cfg.method == "none":
+            return None
+        seed = cfg.seed + 1000 * (i + 1)
+        if cfg.method == "quarot":
+            return torch.stack([random_hadamard_matrix(spec.head_dim, seed + g) for g in range(spec.num_kv_heads)])
+        rows = _token_subset(hidden.shape[0] * hidden.shape[1], cfg.r2_tokens, self.gen)
+        samples = torch.empty(rows.numel(), spec.num_heads * spec.head_dim, dtype=torch.float32)
+        hooks = Hooks()
+        hooks.sample(layer.self_attn.o_proj, rows, samples)
+        self._forward_only(layer, hidden)
+        hooks.remove()
+        results = train_r2(samples, spec.num_kv_heads, spec.head_dim, spec.heads_per_group,
+                           replace(cfg.r2_train, seed=seed), seed, device=self.device)
+        self.stats.r2.append({"layer": i, "init_loss": sum(r.init_loss for r in results),
+                              "final_loss": sum(r.final_loss for r in results)})
+        return torch.stack([r.rotation for r in results])
+
+    def quantize_block(self, i: int, layer: nn.Module, hidden: torch.Tensor) -> None:
+        """Weights to the INT grid in place: RTN, or GPTQ group by group in dependency order."""
+        wcfg = self.cfg.weight_cfg
+        if wcfg is None:
+            return
+        self._check_groups(wcfg)
+        if self.cfg.weights == "rtn":
+            quantize_layer_rtn(layer, wcfg)
+            return
+        linears = qlinears(layer)
+        for group in GPTQ_ORDER:
+            gptqs = {name: GPTQ(linears[name].in_features, device=self.device) for name in group}
+            hooks = Hooks()
+            for name, g in gptqs.items():
+                hooks.each_input(linears[name], g.add_batch, transform=QLinear.quantized_input)
+            self._forward_only(layer, hidden)
+            hooks.remove()
+            for name, g in gptqs.items():
+                result = g.quantize(linears[name].weight.data, wcfg)
+                linears[name].weight.data = result.weight.to(linears[name].weight.dtype)
+                self.stats.gptq_loss.append({"layer": i, "linear": name, "loss": float(result.loss)})
+            del gptqs
+
+    def _check_groups(self, wcfg: WeightQuantConfig) -> None:
+        if wcfg.group_size == -1:
+            return
+        dims = {"hidden_size": self.spec.hidden_size, "num_heads*head_dim": self.spec.num_heads * self.spec.head_dim,
+                "intermediate_size": self.spec.intermediate_size}
+        bad = [f"{k}={v}" for k, v in dims.items() if v % wcfg.group_size]
+        if bad:
+            raise UserError(f"--group-size {wcfg.group_size} does not divide the input dimension of every linear "
+                            f"({', '.join(bad)}); choose a divisor or -1 (per channel)")
+
+    def _forward_only(self, layer: nn.Module, hidden: torch.Tensor) -> None:
+        """Run the block for its hooks' sake, leaving the hidden states untouched."""
+        for sl in self.engine.micro_batches(hidden.shape[0]):
+            scratch = hidden[sl].clone()
+            self.engine.run_block(layer, scratch)
+
+    # ---- the run ----
+    def run(self) -> dict:
+        spec, engine, stats, cfg = self.spec, self.engine, self.stats, self.cfg
+        start = time.perf_counter()
+        if self.sink is not None:
+            self.sink.begin(self)
+        calib, evals = self.load_data()
+
+        t0 = time.perf_counter()
+        reservoir = self.capture(calib) if cfg.method == "dart" else None
+        stats.time("capture", t0)
+
+        t0 = time.perf_counter()
+        r1 = self.calibrate_r1(reservoir)
+        del reservoir
+        stats.time("r1", t0)
+        if self.sink is not None:
+            self.sink.write_r1(r1)
+
+        table = self.index.load_embedding()
+        table = table if r1 is None else fuse_embedding(table, r1)
+        hidden = engine.embed(table, calib)
+        eval_hidden = engine.embed(table, evals) if evals is not None else None
+        del table
+        r2s: list[torch.Tensor | None] = []
+        with BlockPrefetcher(self.index, pin=engine.pin) as prefetch:
+            for i in range(spec.num_layers):
+                t0 = time.perf_counter()
+                weights = rotate_block(prefetch.get(i), spec, r1, None, self.runtime.r4_seed)
+                prefetch.prefetch(i + 1)
+                stats.time("rotate", t0)
+
+                t0 = time.perf_counter()
+                r2 = None
+                if cfg.method != "none":
+                    probe = build_rotated_layer(engine, i, weights, self.runtime)
+                    r2 = self.calibrate_r2(i, probe, hidden)
+                    del probe
+                    weights = fuse_r2(weights, r2, spec)
+                r2s.append(r2)
+                stats.time("r2", t0)
+
+                t0 = time.perf_counter()
+                layer = build_rotated_layer(engine, i, weights, self.runtime)
+                del weights
+                self.quantize_block(i, layer, hidden)
+                stats.time("quantize", t0)
+
+                t0 = time.perf_counter()
+                engine.run_block(layer, hidden)
+                if eval_hidden is not None:
+                    engine.run_block(layer, eval_hidden)
+                stats.time("forward", t0)
+
+                t0 = time.perf_counter()
+                if self.sink is not None:
+                    self.sink.write_block(i, layer, r2)
+                stats.time("write", t0)
+                del layer
+                self.progress("quantize", i + 1, spec.num_layers)
+
+        norm_w, head_w = self.index.load_head()
+        if r1 is not None:
+            norm_w, head_w = fuse_head(norm_w, head_w, r1)
+        result = {
+            "model": str(self.model_dir), "method": cfg.method, "weights": cfg.weights, "w_bits": cfg.w_bits,
+            "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits, "group_size": cfg.group_size, "samples": cfg.samples,
+            "seqlen": cfg.seqlen, "seed": cfg.seed, "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."), "micro_batch": engine.micro_batch,
+        }
+        if eval_hidden is not None:
+            t0 = time.perf_counter()
+            nll = engine.head_nll(norm_w, head_w, eval_hidden, evals, spec.rms_norm_eps)
+            result |= {"ppl": math.exp(float(nll.mean())), "eval_windows": int(evals.shape[0])}
+            stats.time("eval", t0)
+        result |= {"stage_seconds": dict(stats.seconds), "seconds": time.perf_counter() - start,
+                   "peak_host_bytes": peak_host_bytes(), "peak_gpu_bytes": peak_gpu_bytes(self.device),
+                   "r1": stats.r1, "r2": stats.r2}
+        if self.sink is not None:
+            self.sink.finish(self, norm_w, head_w, result)
+        return result
+
+
+def run(cfg: RunConfig, on_progress=None, sink=None) -> dict:
+    return Pipeline(cfg, on_progress, sink).run()

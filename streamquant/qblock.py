@@ -1,0 +1,106 @@
+"""A rotated (and optionally quantized) decoder block at run time.
+
+The block is still transformers' own decoder layer; what DartQuant adds at run time is slotted in around it:
+- every Linear becomes a `QLinear`: optional online Hadamard on its input (R4 for down_proj), then the per-token
+  activation quantizer, then the (fake-quantized or dequantized INT4) weight;
+- attention goes through the registered "streamquant" attention function, which applies the online R3 Hadamard to
+  Q and K after RoPE and quantizes K and V when the KV cache is quantized, then calls SDPA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from streamquant.kernels.hadamard import OnlineHadamard
+from streamquant.quant.quantizers import ActQuantConfig, fake_quantize_activation, fake_quantize_kv
+from streamquant.spec import BLOCK_LINEARS, ModelSpec
+
+ATTENTION = "streamquant"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What happens online, at run time, in every block of a rotated model."""
+
+    r3_seed: int | None = None      # online Hadamard on Q and K after RoPE (None: off)
+    r4_seed: int | None = None      # online Hadamard on down_proj's input (None: off)
+    act: ActQuantConfig = ActQuantConfig()
+    kv_bits: int = 16
+    kv_clip: float = 1.0
+
+    def to_json(self) -> dict:
+        return {"r3_seed": self.r3_seed, "r4_seed": self.r4_seed, "a_bits": self.act.bits,
+                "a_clip": self.act.clip_ratio, "a_symmetric": self.act.symmetric,
+                "kv_bits": self.kv_bits, "kv_clip": self.kv_clip}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Runtime":
+        return cls(d["r3_seed"], d["r4_seed"], ActQuantConfig(bits=d["a_bits"], clip_ratio=d["a_clip"],
+                                                              symmetric=d["a_symmetric"]), d["kv_bits"], d["kv_clip"])
+
+
+class QLinear(nn.Module):
+    """input transform -> activation quantizer -> linear. The weight is already rotated/quantized offline."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act: ActQuantConfig,
+                 transform: OnlineHadamard | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.act = act
+        self.transform = transform
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Exactly what the matmul sees (GPTQ builds its Hessian from this)."""
+        if self.transform is not None:
+            x = self.transform(x)
+        return fake_quantize_activation(x, self.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantized_input(x), self.weight, self.bias)
+
+
+def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    r3: OnlineHadamard | None = getattr(module, "sq_r3", None)
+    if r3 is not None:
+        query, key = r3(query), r3(key)
+    kv_bits = getattr(module, "sq_kv_bits", 16)
+    if kv_bits < 16:
+        key = fake_quantize_kv(key, kv_bits, module.sq_kv_clip)
+        value = fake_quantize_kv(value, kv_bits, module.sq_kv_clip)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION, _attention)
+
+
+def _get(layer: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        layer = getattr(layer, part)
+    return layer
+
+
+def install_runtime(layer: nn.Module, spec: ModelSpec, runtime: Runtime) -> nn.Module:
+    """Swap every Linear of a built layer for a QLinear and attach the online attention settings."""
+    for name in BLOCK_LINEARS:
+        parent_name, attr = name.rsplit(".", 1)
+        parent = _get(layer, parent_name)
+        old: nn.Linear = getattr(parent, attr)
+        transform = None
+        if name == "mlp.down_proj" and runtime.r4_seed is not None:
+            transform = OnlineHadamard(spec.intermediate_size, runtime.r4_seed)
+        setattr(parent, attr, QLinear(old.weight.data, None if old.bias is None else old.bias.data, runtime.act, transform))
+    attn = layer.self_attn
+    attn.sq_r3 = OnlineHadamard(spec.head_dim, runtime.r3_seed) if runtime.r3_seed is not None else None
+    attn.sq_kv_bits, attn.sq_kv_clip = runtime.kv_bits, runtime.kv_clip
+    return layer
+
+
+def qlinears(layer: nn.Module) -> dict[str, QLinear]:
+    return {name: _get(layer, name) for name in BLOCK_LINEARS}

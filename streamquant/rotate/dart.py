@@ -1,0 +1,275 @@
+"""DartQuant rotation learning: Whip loss + QR-Orth (arXiv 2511.04063, DESIGN.md §1).
+
+Convention: activations are row vectors and the rotated activation is ``x @ R`` with ``R`` orthonormal (n × n).
+
+The learning problem is *rotational distribution calibration*: find an orthonormal ``R`` such that the rows of
+``X @ R`` look uniform rather than Laplace-like (few outliers), which suits uniform INT4 quantization.
+
+* :func:`whip_loss` — ``mean_tokens Σ_i exp(-|y_i|)``. Rotations preserve ‖y‖, so pushing small values away
+  from zero (where the gradient of exp(-|y|) is largest) forces the outliers to shrink.
+* :func:`qr_orth` — the parameterisation: an unconstrained latent ``Z`` is mapped to ``R = Q`` of ``QR(Z)``;
+  plain SGD/Adam on ``Z`` then never leaves the orthogonal group and needs no manifold optimizer.
+* :func:`cayley_sgd_step` — the baseline the paper compares against (Cayley SGD with momentum on the Stiefel
+  manifold, as used by SpinQuant); only the benchmark and tests use it.
+* :func:`train_rotation`, :func:`train_r1`, :func:`train_r2` — the training loops the pipeline calls.
+
+Defaults and why (see :class:`RotationTrainConfig`): the reference code (SGD, lr 1e-3, momentum 0.9, 10 epochs
+over a random 10 % subset, batch 64) counts a *batch* in whole calibration sequences of 2048 tokens, i.e. about
+131 k token rows per step and ~130 steps in all. Here a sample is one token row, so ``batch_size`` counts rows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "whip_loss",
+    "qr_orth",
+    "cayley_sgd_step",
+    "RotationTrainConfig",
+    "RotationTrainResult",
+    "train_rotation",
+    "train_r1",
+    "train_r2",
+    "R1_CONFIG",
+    "R2_CONFIG",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss and parameterisation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def whip_loss(x: Tensor) -> Tensor:
+    """Whip loss as the paper defines it: Σ_i exp(-|x_i|) over the last dim, averaged over all leading dims.
+
+    Its value (and the gradient of a whole rotation) grows with the width n; callers compare losses at one n only.
+    """
+    return torch.exp(-x.abs()).sum(dim=-1).mean()
+
+
+def qr_orth(z: Tensor) -> Tensor:
+    """Orthonormal ``Q`` of ``QR(z)`` with column signs fixed so that ``diag(R_qr) > 0``.
+
+    Householder QR leaves the sign of each column of Q arbitrary; flipping the columns whose triangular diagonal is
+    negative makes the factorisation unique, so Q is a continuous function of z (small steps on the latent give
+    small rotations) and ``qr_orth(Q) == Q`` for an orthogonal Q (a Hadamard init is reproduced exactly).
+    sign(0) is taken as +1. Works on batched ``[..., n, n]`` input; autograd flows through ``torch.linalg.qr``.
+    """
+    q, r = torch.linalg.qr(z)
+    d = torch.diagonal(r, dim1=-2, dim2=-1)
+    sign = torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
+    return q * sign.unsqueeze(-2)
+
+
+def cayley_sgd_step(
+    x: Tensor,
+    grad: Tensor,
+    momentum_buf: Tensor | None,
+    lr: float,
+    momentum: float = 0.9,
+    q: float = 0.5,
+    iters: int = 2,
+) -> tuple[Tensor, Tensor]:
+    """One Cayley-SGD-with-momentum step on the Stiefel manifold (Li et al., ICLR 2020; SpinQuant's optimizer).
+
+    ``x`` is [n, p] with orthonormal columns, ``grad`` the Euclidean gradient dL/dx. Returns (new x, new momentum).
+    The Cayley transform is approximated by ``iters`` fixed-point iterations, as in the reference implementation,
+    so x stays orthonormal only up to a small drift. Cost for square x: ~5 extra n×n matmuls per step (plus the
+    skew-matrix products) versus one QR for QR-Orth — that is what the benchmark compares.
+    """
+    m = -grad if momentum_buf is None else momentum * momentum_buf - grad
+    w_hat = m @ x.T - 0.5 * x @ ((x.T @ m) @ x.T)
+    w = w_hat - w_hat.T  # skew-symmetric generator
+    m = w @ x  # momentum projected on the tangent space
+    alpha = min(lr, 2.0 * q / (torch.linalg.matrix_norm(w).item() + 1e-8))
+    y = x + alpha * m
+    for _ in range(iters):
+        y = x + (alpha / 2.0) * (w @ (x + y))
+    return y, m
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RotationTrainConfig:
+    """Hyper-parameters of one rotation fit.
+
+    ``batch_size`` counts token rows per optimizer step; ``sample_fraction`` is the random share of rows visited per
+    epoch (fresh subset every epoch, as in the reference code); ``max_steps`` caps the total number of steps.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    momentum: float = 0.9
+    optimizer: str = "sgd"  # "sgd" | "adam"
+    sample_fraction: float = 0.1
+    seed: int = 0
+    max_steps: int | None = None
+
+
+@dataclass
+class RotationTrainResult:
+    """Outcome of one fit. ``init_loss``/``final_loss`` are the whip loss of the same evaluation rows (all rows, or
+    an evenly strided subset of at most ``EVAL_ROWS``) under the init and the final rotation, so they compare."""
+
+    rotation: Tensor  # float64, orthonormal, on CPU
+    loss_history: list[float] = field(default_factory=list)  # mean training whip loss per epoch
+    init_loss: float = math.nan
+    final_loss: float = math.nan
+    steps: int = 0
+    seconds: float = 0.0
+
+
+R1_CONFIG = RotationTrainConfig(epochs=10, batch_size=64)
+R2_CONFIG = RotationTrainConfig(epochs=5, batch_size=128)
+
+EVAL_ROWS = 65536
+_EVAL_CHUNK = 8192
+
+
+@torch.no_grad()
+def _eval_whip(samples: Tensor, rotation: Tensor, device: torch.device) -> float:
+    """Whip loss of ``samples @ rotation`` over at most EVAL_ROWS evenly strided rows, computed in fp32 chunks."""
+    n_rows = samples.shape[0]
+    idx = torch.arange(n_rows) if n_rows <= EVAL_ROWS else torch.linspace(0, n_rows - 1, EVAL_ROWS).long()
+    r = rotation.to(device=device, dtype=torch.float32)
+    total = 0.0
+    for start in range(0, idx.numel(), _EVAL_CHUNK):
+        chunk = samples.index_select(0, idx[start : start + _EVAL_CHUNK]).to(device=device, dtype=torch.float32)
+        total += torch.exp(-(chunk @ r).abs()).sum().item()
+    return total / idx.numel()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_rotation(
+    samples: Tensor,
+    init: Tensor,
+    cfg: RotationTrainConfig,
+    device: torch.device | str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> RotationTrainResult:
+    """Fit an orthonormal R minimising ``whip_loss(samples @ R)`` with QR-Orth, starting from ``init``.
+
+    ``samples`` [N, n] stays where it is (e.g. pinned host memory); each minibatch is gathered and moved to
+    ``device`` (default: the samples' device) as fp32. The trainable latent Z starts at ``init`` (fp32); every step
+    uses ``R = qr_orth(Z)``. Subset and minibatch order come from a private ``torch.Generator(cfg.seed)``, so a run
+    on CPU is deterministic and leaves the global RNG alone. The returned rotation is ``qr_orth(Z.double())`` — the
+    float64 QR re-orthonormalises, so R is orthonormal to ~1e-12 whatever fp32 drift Z had.
+    """
+    if samples.dim() != 2 or init.shape != (samples.shape[1], samples.shape[1]):
+        raise ValueError(f"need samples [N, n] and init [n, n], got {tuple(samples.shape)} and {tuple(init.shape)}")
+    if cfg.batch_size < 1 or not 0.0 < cfg.sample_fraction <= 1.0:
+        raise ValueError(f"bad config {cfg}")
+    dev = torch.device(device) if device is not None else samples.device
+    t0 = time.perf_counter()
+
+    n_rows = samples.shape[0]
+    per_epoch = min(n_rows, max(cfg.batch_size, round(n_rows * cfg.sample_fraction)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    init_loss = _eval_whip(samples, init, dev)
+
+    z = init.detach().to(device=dev, dtype=torch.float32).clone().requires_grad_(True)
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD([z], lr=cfg.lr, momentum=cfg.momentum)
+    elif cfg.optimizer == "adam":
+        opt = torch.optim.Adam([z], lr=cfg.lr)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r} (sgd | adam)")
+
+    history: list[float] = []
+    steps = 0
+    for epoch in range(cfg.epochs):
+        if cfg.max_steps is not None and steps >= cfg.max_steps:
+            break
+        subset = torch.randperm(n_rows, generator=gen)[:per_epoch]
+        epoch_losses: list[Tensor] = []
+        for start in range(0, per_epoch, cfg.batch_size):
+            if cfg.max_steps is not None and steps >= cfg.max_steps:
+                break
+            batch = samples.index_select(0, subset[start : start + cfg.batch_size])
+            batch = batch.to(device=dev, dtype=torch.float32, non_blocking=True)
+            loss = whip_loss(batch @ qr_orth(z))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            epoch_losses.append(loss.detach())
+            steps += 1
+        if epoch_losses:
+            history.append(torch.stack(epoch_losses).mean().item())
+            if log is not None:
+                log(f"rotation n={init.shape[0]} epoch {epoch + 1}/{cfg.epochs}: whip {history[-1]:.4f} ({steps} steps)")
+
+    with torch.no_grad():
+        rotation = qr_orth(z.detach().double()).cpu()
+    final_loss = _eval_whip(samples, rotation, dev)
+    _sync(dev)
+    return RotationTrainResult(
+        rotation=rotation,
+        loss_history=history,
+        init_loss=init_loss,
+        final_loss=final_loss,
+        steps=steps,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def train_r1(
+    samples: Tensor,
+    n: int,
+    cfg: RotationTrainConfig,
+    seed: int,
+    device: torch.device | str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> RotationTrainResult:
+    """Learn R1 (hidden × hidden) on normalised block inputs, starting from ``random_hadamard_matrix(n, seed)``."""
+    from streamquant.kernels.hadamard import random_hadamard_matrix
+
+    return train_rotation(samples, random_hadamard_matrix(n, seed), cfg, device=device, log=log)
+
+
+def train_r2(
+    samples: Tensor,
+    num_kv_heads: int,
+    head_dim: int,
+    heads_per_group: int,
+    cfg: RotationTrainConfig,
+    seed: int,
+    device: torch.device | str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[RotationTrainResult]:
+    """Learn one R2 (head_dim × head_dim) per KV head from o_proj inputs ``[N, num_heads * head_dim]``.
+
+    Query head h belongs to KV head ``h // heads_per_group``; R2 of group g sits on the output of v-head g and is
+    shared by its query heads, so it is fitted on their stacked head vectors ``[N * heads_per_group, head_dim]``.
+    Group g starts from ``random_hadamard_matrix(head_dim, seed + g)`` and uses minibatch seed ``cfg.seed + g``;
+    each group's fit sees only its own columns, so the groups are independent.
+    """
+    from streamquant.kernels.hadamard import random_hadamard_matrix
+
+    num_heads = num_kv_heads * heads_per_group
+    if samples.dim() != 2 or samples.shape[1] != num_heads * head_dim:
+        raise ValueError(f"need o_proj inputs [N, {num_heads * head_dim}], got {tuple(samples.shape)}")
+    grouped = samples.view(samples.shape[0], num_kv_heads, heads_per_group * head_dim)
+    results = []
+    for g in range(num_kv_heads):
+        rows = grouped[:, g].reshape(-1, head_dim)  # token-major: the hpg heads of a token are adjacent rows
+        sub_log = None if log is None else (lambda msg, g=g: log(f"R2 kv-head {g}: {msg}"))
+        init = random_hadamard_matrix(head_dim, seed + g)
+        results.append(train_rotation(rows, init, replace(cfg, seed=cfg.seed + g), device=device, log=sub_log))
+    return results

@@ -1,0 +1,77 @@
+"""A checkpoint seen through its rotations: per block fuse σ → R1 → R2 → R4, with R3/R4 applied online."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from streamquant.kernels.hadamard import OnlineHadamard
+from streamquant.qblock import Runtime, install_runtime, qlinears
+from streamquant.quant.quantizers import WeightQuantConfig, fake_quantize_weight
+from streamquant.rotate.fuse import fuse_embedding, fuse_head, fuse_norms, fuse_r1, fuse_r2, fuse_r4
+from streamquant.shards import BlockPrefetcher, ShardIndex
+from streamquant.spec import ModelSpec
+from streamquant.stream import Engine
+
+
+@dataclass
+class Rotations:
+    r1: torch.Tensor | None                 # [hidden, hidden] float64; None = identity
+    r2: list[torch.Tensor] | None           # per layer [kv_heads, head_dim, head_dim] float64; None = identity
+    runtime: Runtime                        # online R3/R4 and activation/KV quantizers
+
+
+def rotate_block(weights: dict[str, torch.Tensor], spec: ModelSpec, r1: torch.Tensor | None,
+                 r2: torch.Tensor | None, r4_seed: int | None) -> dict[str, torch.Tensor]:
+    """Exact (function-preserving) rewrite of one block's weights."""
+    w = fuse_norms(weights)
+    if r1 is not None:
+        w = fuse_r1(w, r1)
+    if r2 is not None:
+        w = fuse_r2(w, r2, spec)
+    if r4_seed is not None:
+        w = fuse_r4(w, OnlineHadamard(spec.intermediate_size, r4_seed))
+    return w
+
+
+def build_rotated_layer(engine: Engine, index: int, weights: dict[str, torch.Tensor], runtime: Runtime) -> nn.Module:
+    """transformers' layer holding rotated weights, with the online transforms and quantizers installed."""
+    return install_runtime(engine.build_layer(index, weights), engine.spec, runtime)
+
+
+def quantize_layer_rtn(layer: nn.Module, cfg: WeightQuantConfig) -> None:
+    """Round-to-nearest fake quantization of every Linear weight of a built rotated layer."""
+    for ql in qlinears(layer).values():
+        ql.weight.data = fake_quantize_weight(ql.weight.data, cfg)
+
+
+class RotatedSource:
+    """Streams an original checkpoint as its rotated (optionally RTN-quantized) equivalent, block by block."""
+
+    def __init__(self, index: ShardIndex, rotations: Rotations, weight_cfg: WeightQuantConfig | None = None):
+        self.index, self.spec, self.rot, self.weight_cfg = index, index.spec, rotations, weight_cfg
+
+    def embedding(self) -> torch.Tensor:
+        table = self.index.load_embedding()
+        return table if self.rot.r1 is None else fuse_embedding(table, self.rot.r1)
+
+    def layers(self, engine: Engine) -> Iterator[tuple[int, nn.Module]]:
+        with BlockPrefetcher(self.index, pin=engine.pin) as prefetcher:
+            for i in range(self.spec.num_layers):
+                weights = prefetcher.get(i)
+                prefetcher.prefetch(i + 1)
+                r2 = None if self.rot.r2 is None else self.rot.r2[i]
+                layer = build_rotated_layer(engine, i, rotate_block(weights, self.spec, self.rot.r1, r2,
+                                                                    self.rot.runtime.r4_seed), self.rot.runtime)
+                del weights
+                if self.weight_cfg is not None:
+                    quantize_layer_rtn(layer, self.weight_cfg)
+                yield i, layer
+                del layer
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        norm_w, head_w = self.index.load_head()
+        r1 = self.rot.r1 if self.rot.r1 is not None else torch.eye(self.spec.hidden_size, dtype=torch.float64)
+        return fuse_head(norm_w, head_w, r1)
