@@ -1,0 +1,3 @@
+"""streamquant: layer-streaming DartQuant quantization."""
+
+__version__ = "0.1.0"

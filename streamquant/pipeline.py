@@ -64,6 +64,7 @@ class RunConfig:
     r2_train: RotationTrainConfig = field(default_factory=lambda: replace(R2_CONFIG))
     eval: str | None = None
     eval_windows: int | None = None
+    format: str = "auto"              # auto | pack-quantized | streamquant
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -75,6 +76,21 @@ class RunConfig:
                 raise UserError(f"{name} must be between 2 and 8, or 16 for off (got {bits})")
         if not 0 < self.a_clip <= 1:
             raise UserError(f"--a-clip must be in (0, 1] (got {self.a_clip})")
+        if self.format not in ("auto", "pack-quantized", "streamquant"):
+            raise UserError(f"--format must be auto, pack-quantized or streamquant (got {self.format!r})")
+        if self.format == "pack-quantized" and (self.a_bits < 16 or self.kv_bits < 16):
+            raise UserError("--format pack-quantized holds weight-only (W4A16) models; activation or KV quantization "
+                            "needs online transforms: use --format streamquant (or auto)")
+        if self.out is not None and self.w_bits not in (4, 16):
+            raise UserError(f"the checkpoint writer packs 4-bit weights (or keeps 16-bit); --w-bits {self.w_bits} "
+                            f"can be evaluated without --out")
+
+    @property
+    def resolved_format(self) -> str:
+        """W4A16 → compressed-tensors pack-quantized (runtimes load it); anything with online parts → our own."""
+        if self.format != "auto":
+            return self.format
+        return "pack-quantized" if self.a_bits >= 16 and self.kv_bits >= 16 and self.w_bits < 16 else "streamquant"
 
     @property
     def weight_cfg(self) -> WeightQuantConfig | None:
@@ -149,14 +165,19 @@ class Pipeline:
         mb = cfg.micro_batch or micro_batch_for(cfg.seqlen, self.spec.hidden_size, self.spec.intermediate_size, self.dtype)
         self.engine = Engine(self.spec, self.device, self.dtype, mb, pin=pin_host_memory(self.device))
         rotated = cfg.method != "none"
+        self.format = cfg.resolved_format
+        online = self.format == "streamquant"   # pack-quantized runtimes apply no online transform: R1/R2 only
         self.runtime = Runtime(
-            r3_seed=cfg.seed + 3 if rotated and cfg.kv_bits < 16 else None,   # R3 only matters for a quantized KV cache
-            r4_seed=cfg.seed + 4 if rotated else None,
+            r3_seed=cfg.seed + 3 if rotated and online and cfg.kv_bits < 16 else None,  # R3 matters for KV quant only
+            r4_seed=cfg.seed + 4 if rotated and online else None,
             act=ActQuantConfig(bits=cfg.a_bits, clip_ratio=cfg.a_clip),
             kv_bits=cfg.kv_bits,
         )
         self.stats = Stats()
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def generator(self, purpose: int, layer: int) -> torch.Generator:
+        """One generator per (purpose, layer): a resumed run draws exactly what an uninterrupted one drew."""
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + purpose * 10_007 + layer)
 
     # ---- data ----
     def load_data(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -188,7 +209,8 @@ class Pipeline:
                 hooks = Hooks()
                 for side, module in enumerate((layer.self_attn.q_proj, layer.mlp.up_proj)):
                     start = (2 * i + side) * per_side
-                    hooks.sample(module, _token_subset(total, per_side, self.gen), reservoir[start: start + per_side])
+                    hooks.sample(module, _token_subset(total, per_side, self.generator(side, i)),
+                                 reservoir[start: start + per_side])
                 engine.run_block(layer, hidden)
                 hooks.remove()
                 del layer
@@ -217,7 +239,7 @@ class Pipeline:
         seed = cfg.seed + 1000 * (i + 1)
         if cfg.method == "quarot":
             return torch.stack([random_hadamard_matrix(spec.head_dim, seed + g) for g in range(spec.num_kv_heads)])
-        rows = _token_subset(hidden.shape[0] * hidden.shape[1], cfg.r2_tokens, self.gen)
+        rows = _token_subset(hidden.shape[0] * hidden.shape[1], cfg.r2_tokens, self.generator(2, i))
         samples = torch.empty(rows.numel(), spec.num_heads * spec.head_dim, dtype=torch.float32)
         hooks = Hooks()
         hooks.sample(layer.self_attn.o_proj, rows, samples)
@@ -249,6 +271,7 @@ class Pipeline:
             for name, g in gptqs.items():
                 result = g.quantize(linears[name].weight.data, wcfg)
                 linears[name].weight.data = result.weight.to(linears[name].weight.dtype)
+                linears[name].codes = (result.q, result.scale, result.zero)
                 self.stats.gptq_loss.append({"layer": i, "linear": name, "loss": float(result.loss)})
             del gptqs
 
@@ -272,29 +295,41 @@ class Pipeline:
     def run(self) -> dict:
         spec, engine, stats, cfg = self.spec, self.engine, self.stats, self.cfg
         start = time.perf_counter()
-        if self.sink is not None:
-            self.sink.begin(self)
+        r1, done = self.sink.begin(self) if self.sink is not None else (None, 0)
         calib, evals = self.load_data()
 
-        t0 = time.perf_counter()
-        reservoir = self.capture(calib) if cfg.method == "dart" else None
-        stats.time("capture", t0)
+        if done == 0:
+            t0 = time.perf_counter()
+            reservoir = self.capture(calib) if cfg.method == "dart" else None
+            stats.time("capture", t0)
 
-        t0 = time.perf_counter()
-        r1 = self.calibrate_r1(reservoir)
-        del reservoir
-        stats.time("r1", t0)
-        if self.sink is not None:
-            self.sink.write_r1(r1)
+            t0 = time.perf_counter()
+            r1 = self.calibrate_r1(reservoir)
+            del reservoir
+            stats.time("r1", t0)
+            if self.sink is not None:
+                self.sink.write_r1(r1)
 
         table = self.index.load_embedding()
         table = table if r1 is None else fuse_embedding(table, r1)
         hidden = engine.embed(table, calib)
         eval_hidden = engine.embed(table, evals) if evals is not None else None
+        if self.sink is not None:
+            self.sink.write_embedding(table)
         del table
-        r2s: list[torch.Tensor | None] = []
+
+        t0 = time.perf_counter()
+        for i in range(done):  # resume: finished blocks are replayed from their *quantized* weights on disk
+            layer = build_rotated_layer(engine, i, self.sink.block_weights(i), self.runtime)
+            engine.run_block(layer, hidden)
+            if eval_hidden is not None:
+                engine.run_block(layer, eval_hidden)
+            del layer
+            self.progress("replay", i + 1, done)
+        stats.time("replay", t0)
+
         with BlockPrefetcher(self.index, pin=engine.pin) as prefetch:
-            for i in range(spec.num_layers):
+            for i in range(done, spec.num_layers):
                 t0 = time.perf_counter()
                 weights = rotate_block(prefetch.get(i), spec, r1, None, self.runtime.r4_seed)
                 prefetch.prefetch(i + 1)
@@ -307,7 +342,6 @@ class Pipeline:
                     r2 = self.calibrate_r2(i, probe, hidden)
                     del probe
                     weights = fuse_r2(weights, r2, spec)
-                r2s.append(r2)
                 stats.time("r2", t0)
 
                 t0 = time.perf_counter()
@@ -324,7 +358,7 @@ class Pipeline:
 
                 t0 = time.perf_counter()
                 if self.sink is not None:
-                    self.sink.write_block(i, layer, r2)
+                    self.sink.write_block(i, layer, r2, cfg.weight_cfg)
                 stats.time("write", t0)
                 del layer
                 self.progress("quantize", i + 1, spec.num_layers)
@@ -335,7 +369,7 @@ class Pipeline:
         result = {
             "model": str(self.model_dir), "method": cfg.method, "weights": cfg.weights, "w_bits": cfg.w_bits,
             "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits, "group_size": cfg.group_size, "samples": cfg.samples,
-            "seqlen": cfg.seqlen, "seed": cfg.seed, "device": str(self.device),
+            "seqlen": cfg.seqlen, "seed": cfg.seed, "device": str(self.device), "format": self.format,
             "dtype": str(self.dtype).removeprefix("torch."), "micro_batch": engine.micro_batch,
         }
         if eval_hidden is not None:

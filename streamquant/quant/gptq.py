@@ -18,6 +18,8 @@ deliberate choices:
 * ``act_order`` with a group size implies ``static_groups``: groups are the contiguous column ranges of the
   *original* order and their scale/zero come from the original weight up front, so the result uses the plain
   ``[out, in/g]`` scale layout that ``pack-quantized`` stores, and ``g_idx`` is None.
+* Not in the reference: if the damped Hessian is not positive definite, dampening is raised (up to three times)
+  before a ValueError; ``free_hessian=True`` lets the working copy reuse the Hessian's memory.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ class GPTQResult:
     ``scale`` / ``zero`` ``[out, G]`` in the weight's dtype; ``weight`` the dequantized weight
     ``(q − zero) · scale`` in the weight's dtype; ``g_idx`` the group of each input column when it differs
     from ``col // group_size`` (never, with the static groups used under act_order; kept for formats that
-    store it); ``loss`` the summed GPTQ objective ``Σ (w − ŵ)² / [H⁻¹]_jj² / 2``.
+    store it); ``loss`` the summed GPTQ objective ``Σ (w − ŵ)² / d² / 2`` (``d`` the diagonal of the Cholesky
+    factor of ``H⁻¹``), which equals ``Σ_rows (w − ŵ)ᵀ (H + λI) (w − ŵ) / 2`` — in the units of
+    ``H = 2/N XᵀX``, i.e. ``‖X(W − Ŵ)ᵀ‖² / N`` plus the dampening term.
     """
 
     q: Tensor
@@ -66,7 +70,7 @@ class GPTQResult:
 
 
 class GPTQ:
-    """Accumulates the Hessian of one Linear's inputs, then quantizes its weight."""
+    """Accumulates the Hessian of one Linear's inputs (on ``device``, default CPU), then quantizes its weight."""
 
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
         self.in_features = in_features

@@ -5,15 +5,16 @@ One grid definition serves every quantizer here and GPTQ (``gptq.py`` calls :fun
 
 Conventions (``b`` = bits, ``w ≈ (q − zero) · scale`` in every case):
 
-* **symmetric**: ``scale = max|w| / ((2^b − 1) / 2)``, ``zero = 0``, signed codes ``q ∈ [−2^(b−1), 2^(b−1) − 1]``.
-  This is the grid of the IST-DASLab GPTQ reference *and* of compressed-tensors (``scale = amax / (bit_range / 2)``),
-  so symmetric codes are stored in ``pack-quantized`` unchanged with no zero point.
+* **symmetric**: ``scale = max|w| / ((2^b − 1) / 2)``, ``zero = 0``, signed codes
+  ``q ∈ [−2^(b−1), 2^(b−1) − 1]``. This is the grid of the IST-DASLab GPTQ reference *and* of compressed-tensors
+  (``scale = amax / (bit_range / 2)``), so symmetric codes are stored in ``pack-quantized`` unchanged with no
+  zero point.
 * **asymmetric**: ``scale = (max − min) / (2^b − 1)`` with ``min ≤ 0 ≤ max``, ``zero = round(−min / scale)``,
   unsigned codes ``q ∈ [0, 2^b − 1]`` and ``zero ∈ [0, 2^b − 1]`` (the GPTQ reference convention).
   compressed-tensors uses signed codes and zero points; ``pack.to_compressed_tensors`` subtracts ``2^(b−1)`` from
   both, which leaves ``q − zero`` unchanged.
 
-``zero`` is returned as an integer-valued float tensor. Weight scales are rounded *up* to the weight's dtype (the
+``zero`` is an integer-valued float tensor, returned (like ``scale``) in the weight's dtype. Weight scales are rounded *up* to the weight's dtype (the
 dtype compressed-tensors stores ``weight_scale`` in), so the exported scale is exactly the one the codes were chosen
 with, and ``|w − ŵ| ≤ scale / 2`` holds for every unclipped element.
 """
@@ -186,7 +187,9 @@ def _grouped(w: Tensor, cfg: WeightQuantConfig) -> Tensor:
     return w.reshape(out_features, n_groups, in_features // n_groups)
 
 
-def weight_qparams(w: Tensor, cfg: WeightQuantConfig, *, scale_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+def weight_qparams(
+    w: Tensor, cfg: WeightQuantConfig, *, scale_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
     """Min/max (times ``clip_ratio``) scale and zero per (row, group), both shaped ``[out, n_groups]``.
 
     ``scale_dtype`` defaults to ``w.dtype``: the scale is rounded up to it (see module docstring) and both

@@ -9,7 +9,7 @@ from torch import nn
 
 from streamquant.kernels.hadamard import OnlineHadamard
 from streamquant.qblock import Runtime, install_runtime, qlinears
-from streamquant.quant.quantizers import WeightQuantConfig, fake_quantize_weight
+from streamquant.quant.quantizers import WeightQuantConfig, dequantize_weight, quantize_weight
 from streamquant.rotate.fuse import fuse_embedding, fuse_head, fuse_norms, fuse_r1, fuse_r2, fuse_r4
 from streamquant.shards import BlockPrefetcher, ShardIndex
 from streamquant.spec import ModelSpec
@@ -42,9 +42,11 @@ def build_rotated_layer(engine: Engine, index: int, weights: dict[str, torch.Ten
 
 
 def quantize_layer_rtn(layer: nn.Module, cfg: WeightQuantConfig) -> None:
-    """Round-to-nearest fake quantization of every Linear weight of a built rotated layer."""
+    """Round-to-nearest on every Linear of a built rotated layer; keeps the integer codes for the writer."""
     for ql in qlinears(layer).values():
-        ql.weight.data = fake_quantize_weight(ql.weight.data, cfg)
+        q, scale, zero = quantize_weight(ql.weight.data, cfg)
+        ql.codes = (q, scale, zero)
+        ql.weight.data = dequantize_weight(q, scale, zero, cfg.group_size).to(ql.weight.dtype)
 
 
 class RotatedSource:

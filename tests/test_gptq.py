@@ -1,0 +1,332 @@
+"""GPTQ against RTN, against a brute-force optimum on a fixed grid, and against its own algebra."""
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+import torch
+
+from streamquant.quant.gptq import GPTQ
+from streamquant.quant.quantizers import (
+    WeightQuantConfig,
+    code_range,
+    dequantize_weight,
+    fake_quantize_weight,
+    weight_qparams,
+)
+
+
+def _correlated_inputs(n: int, d: int, seed: int, sample_seed: int | None = None) -> torch.Tensor:
+    """X = Z A + a strong shared low-rank part, with a random mixing A (fixed by ``seed``): heavily correlated
+    features. ``sample_seed`` draws fresh tokens from the same distribution (held-out data)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g)
+    b = torch.randn(4, d, generator=g) * 3
+    gs = torch.Generator().manual_seed(seed if sample_seed is None else sample_seed)
+    z = torch.randn(n, d, generator=gs)
+    return z @ a + torch.randn(n, 4, generator=gs) @ b
+
+
+def _output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """‖X Wᵀ − X Ŵᵀ‖² in fp64."""
+    return float(((x.double() @ (w.double() - w_hat.double()).T) ** 2).sum())
+
+
+def _gptq(x: torch.Tensor, w: torch.Tensor, cfg: WeightQuantConfig, **kw):
+    g = GPTQ(w.shape[1])
+    g.add_batch(x)
+    return g, g.quantize(w, cfg, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------- (a) vs RTN
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [-1, 32])
+@pytest.mark.parametrize("bits", [4, 3])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size, symmetric):
+    torch.manual_seed(0)
+    x = _correlated_inputs(1024, 128, seed=1)
+    w = torch.randn(48, 128)
+    cfg = WeightQuantConfig(bits=bits, group_size=group_size, symmetric=symmetric)
+    _, res = _gptq(x, w, cfg)
+    rtn = fake_quantize_weight(w, cfg)
+    e_gptq, e_rtn = _output_error(x, w, res.weight), _output_error(x, w, rtn)
+    assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
+    # Held-out inputs from the same distribution: the gain is not an artefact of fitting the calibration set.
+    x_test = _correlated_inputs(512, 128, seed=1, sample_seed=100)
+    assert _output_error(x_test, w, res.weight) < 0.9 * _output_error(x_test, w, rtn)
+
+
+# ---------------------------------------------------------------------------------------------------- (b) brute force
+
+
+@functools.lru_cache(maxsize=None)
+def _all_code_vectors(bits: int, symmetric: bool, n: int) -> torch.Tensor:
+    qmin, qmax = code_range(bits, symmetric)
+    return torch.cartesian_prod(*[torch.arange(qmin, qmax + 1, dtype=torch.float64)] * n).reshape(-1, n)
+
+
+def _brute_force_error(x, w, scale, zero, bits, symmetric) -> float:
+    """Exact min over every code vector on the fixed per-row grid of Σ_rows ‖X(w − ŵ)‖²."""
+    codes = _all_code_vectors(bits, symmetric, w.shape[1])
+    gram = x.double().T @ x.double()  # ‖X d‖² = dᵀ XᵀX d
+    total = 0.0
+    for r in range(w.shape[0]):
+        d = w[r].double() - (codes - float(zero[r, 0])) * float(scale[r, 0])
+        total += float(((d @ gram) * d).sum(dim=1).min())
+    return total
+
+
+def test_gptq_vs_brute_force_optimum():
+    """GPTQ is greedy, not optimal. On many tiny problems (out=3, in=4, 3-bit per channel, the grid fixed by RTN's
+    scale/zero, which GPTQ uses too) we assert what holds honestly: the optimum bounds both; GPTQ is at least as
+    good as RTN on most problems and much better in total; on average it is within 2.5× of the optimum
+    (observed ≈1.8–2.0×; single problems whose optimum is nearly 0 can exceed 10×; RTN averages ≈3×)."""
+    ratios_gptq, ratios_rtn, wins, tot_gptq, tot_rtn = [], [], 0, 0.0, 0.0
+    n_problems = 0
+    for seed in range(30):
+        torch.manual_seed(seed)
+        x = torch.randn(64, 4) @ torch.randn(4, 4)
+        w = torch.randn(3, 4)
+        for symmetric in (True, False):
+            cfg = WeightQuantConfig(bits=3, symmetric=symmetric)
+            _, res = _gptq(x, w, cfg)
+            scale, zero = weight_qparams(w, cfg)
+            assert torch.equal(res.scale, scale) and torch.equal(res.zero, zero)  # same fixed grid
+            opt = _brute_force_error(x, w, scale, zero, 3, symmetric)
+            e_gptq = _output_error(x, w, res.weight)
+            e_rtn = _output_error(x, w, fake_quantize_weight(w, cfg))
+            # (fp32 ŵ vs the fp64 brute force: equal codes may differ in the 6th digit)
+            assert opt <= e_gptq * (1 + 1e-5) and opt <= e_rtn * (1 + 1e-5)
+            ratios_gptq.append(e_gptq / opt)
+            ratios_rtn.append(e_rtn / opt)
+            wins += e_gptq <= e_rtn * (1 + 1e-9)
+            tot_gptq += e_gptq
+            tot_rtn += e_rtn
+            n_problems += 1
+    assert wins >= 0.75 * n_problems, wins
+    assert tot_gptq <= 0.8 * tot_rtn
+    mean_gptq = sum(ratios_gptq) / n_problems
+    assert mean_gptq <= 2.5, mean_gptq
+    assert mean_gptq < sum(ratios_rtn) / n_problems
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_is_exact_for_one_input_column(symmetric):
+    torch.manual_seed(5)
+    x = torch.randn(32, 1) * 3
+    w = torch.randn(6, 1)
+    cfg = WeightQuantConfig(bits=2, symmetric=symmetric)
+    _, res = _gptq(x, w, cfg)
+    scale, zero = weight_qparams(w, cfg)
+    opt = _brute_force_error(x, w, scale, zero, 2, symmetric)
+    assert _output_error(x, w, res.weight) == pytest.approx(opt, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_is_exact_for_diagonal_hessian(symmetric):
+    """Each token excites one input only, so H is exactly diagonal: no error feedback, greedy = optimal."""
+    torch.manual_seed(6)
+    n_in = 4
+    x = torch.zeros(40, n_in)
+    x[torch.arange(40), torch.arange(40) % n_in] = torch.randn(40) * 2
+    w = torch.randn(5, n_in)
+    cfg = WeightQuantConfig(bits=3, symmetric=symmetric)
+    g, res = _gptq(x, w, cfg)
+    assert torch.count_nonzero(g.H - torch.diag(torch.diag(g.H))) == 0
+    scale, zero = weight_qparams(w, cfg)
+    opt = _brute_force_error(x, w, scale, zero, 3, symmetric)
+    assert _output_error(x, w, res.weight) == pytest.approx(opt, rel=1e-6)
+    assert torch.equal(res.weight, fake_quantize_weight(w, cfg))
+
+
+# ---------------------------------------------------------------------------------------------------- algebra
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [-1, 16])
+def test_loss_equals_damped_quadratic_form(group_size, act_order):
+    """GPTQ's summed loss is exactly Σ_rows (w − ŵ)ᵀ (H + λI)(w − ŵ) / 2: checks every error-feedback step."""
+    torch.manual_seed(7)
+    x = _correlated_inputs(256, 64, seed=7)
+    w = torch.randn(16, 64)
+    g, res = _gptq(x, w, WeightQuantConfig(bits=4, group_size=group_size), act_order=act_order, block_size=24)
+    H = g.H.double()
+    Hd = H + 0.01 * H.diag().mean() * torch.eye(64, dtype=torch.float64)
+    D = (w - res.weight).double()
+    assert res.loss == pytest.approx(float(torch.einsum("ri,ij,rj->", D, Hd, D)) / 2, rel=1e-4)
+
+
+def test_hessian_is_running_average_over_tokens():
+    torch.manual_seed(8)
+    g = GPTQ(12)
+    batches = [torch.randn(3, 5, 12), torch.randn(7, 12), torch.randn(2, 2, 2, 12).to(torch.bfloat16)]
+    for b in batches:
+        g.add_batch(b)
+    x = torch.cat([b.reshape(-1, 12).double() for b in batches])
+    torch.testing.assert_close(g.H.double(), 2 / x.shape[0] * x.T @ x, rtol=1e-5, atol=1e-5)
+    assert g.n_samples == 15 + 7 + 8 and g.H.dtype == torch.float32
+    with pytest.raises(ValueError, match="12"):
+        g.add_batch(torch.randn(4, 13))
+
+
+@pytest.mark.parametrize("group_size", [-1, 16])
+def test_block_size_does_not_change_the_result(group_size):
+    """Lazy batching is a reordering of the same updates. Float reassociation can still decide an exact rounding
+    tie differently — with a symmetric grid the group minimum sits at exactly −7.5 steps when it is the group's
+    largest magnitude — and the row then follows another greedy path, so grouped results agree only roughly."""
+    torch.manual_seed(9)
+    x = _correlated_inputs(256, 64, seed=9)
+    w = torch.randn(8, 64)
+    g = GPTQ(64)
+    g.add_batch(x)
+    cfg = WeightQuantConfig(bits=4, group_size=group_size)
+    a, b = g.quantize(w, cfg, block_size=1), g.quantize(w, cfg, block_size=128)
+    if group_size == -1:
+        assert (a.q != b.q).float().mean() < 0.01
+        assert a.loss == pytest.approx(b.loss, rel=1e-4)
+    else:
+        assert (a.q != b.q).float().mean() < 0.05
+        assert a.loss == pytest.approx(b.loss, rel=0.05)
+
+
+def test_dynamic_groups_use_updated_weights():
+    """Without act_order a group's grid comes from the error-compensated weights, not the original ones."""
+    torch.manual_seed(10)
+    x = _correlated_inputs(256, 64, seed=10)
+    w = torch.randn(8, 64)
+    cfg = WeightQuantConfig(bits=3, group_size=16)
+    _, res = _gptq(x, w, cfg)
+    rtn_scale, _ = weight_qparams(w, cfg)
+    assert torch.equal(res.scale[:, 0], rtn_scale[:, 0])  # first group: nothing updated yet
+    assert not torch.equal(res.scale[:, 1:], rtn_scale[:, 1:])
+    torch.testing.assert_close(dequantize_weight(res.q, res.scale, res.zero, 16), res.weight, rtol=0, atol=0)
+    _, static = _gptq(x, w, cfg, static_groups=True)
+    assert torch.equal(static.scale, rtn_scale)
+
+
+# ---------------------------------------------------------------------------------------------------- (c) act_order
+
+
+@pytest.mark.parametrize("group_size", [-1, 16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_act_order_returns_original_column_order(group_size, symmetric):
+    torch.manual_seed(11)
+    # Input scales very different per column and not monotone, so the permutation is far from identity.
+    col_scale = torch.rand(64) * 10 + 0.1
+    x = _correlated_inputs(512, 64, seed=11) * col_scale
+    w = torch.randn(12, 64)
+    cfg = WeightQuantConfig(bits=4, group_size=group_size, symmetric=symmetric)
+    g, res = _gptq(x, w, cfg, act_order=True)
+    assert res.g_idx is None
+    # Codes and qparams reproduce the returned weight exactly, in the original column order.
+    assert torch.equal(dequantize_weight(res.q, res.scale, res.zero, group_size), res.weight)
+    # Static grid computed on the un-permuted weight (plain [out, in/g] layout).
+    scale, zero = weight_qparams(w, cfg)
+    assert torch.equal(res.scale, scale) and torch.equal(res.zero, zero)
+    # Same result as permuting the problem by hand, running plain GPTQ and un-permuting.
+    perm = torch.argsort(torch.diag(g.H), descending=True, stable=True)
+    assert not torch.equal(perm, torch.arange(64))
+    inv = torch.argsort(perm)
+    g2 = GPTQ(64)
+    g2.add_batch(x[:, perm])
+    if group_size == -1:
+        manual = g2.quantize(w[:, perm], cfg)
+        assert (manual.q[:, inv] != res.q).float().mean() < 0.01
+        torch.testing.assert_close(manual.weight[:, inv], res.weight, rtol=0, atol=float(scale.max()) * 1.01)
+        assert manual.loss == pytest.approx(res.loss, rel=1e-3)
+    # Column j of the output really is column j: the error is better than RTN on the original layout.
+    assert _output_error(x, w, res.weight) < _output_error(x, w, fake_quantize_weight(w, cfg))
+    _, plain = _gptq(x, w, cfg)
+    assert _output_error(x, w, res.weight) < 1.1 * _output_error(x, w, plain.weight)
+
+
+# ---------------------------------------------------------------------------------------------------- (d) dead inputs
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dead_columns(symmetric, act_order):
+    torch.manual_seed(12)
+    x = _correlated_inputs(256, 32, seed=12)
+    dead = [0, 5, 31]
+    x[:, dead] = 0.0
+    w = torch.randn(8, 32)
+    w[:, 5] = 100.0  # a huge weight on a dead input must not stretch the grid
+    cfg = WeightQuantConfig(bits=4, symmetric=symmetric)
+    _, res = _gptq(x, w, cfg, act_order=act_order)
+    assert torch.isfinite(res.weight).all() and res.loss == res.loss
+    assert bool((res.weight[:, dead] == 0).all())
+    alive = [i for i in range(32) if i not in dead]
+    w_alive = w.clone()
+    w_alive[:, dead] = 0
+    scale, _ = weight_qparams(w_alive, cfg)
+    assert torch.equal(res.scale, scale)
+    rtn_alive = fake_quantize_weight(w[:, alive], cfg)
+    assert _output_error(x, w, res.weight) < _output_error(x[:, alive], w[:, alive], rtn_alive)
+
+
+# ---------------------------------------------------------------------------------------------------- dtypes, errors
+
+
+def test_bf16_weight_scale_is_stored_dtype_and_exact():
+    torch.manual_seed(13)
+    x = _correlated_inputs(256, 64, seed=13).to(torch.bfloat16)
+    w = torch.randn(16, 64).to(torch.bfloat16)
+    cfg = WeightQuantConfig(bits=4, group_size=32, symmetric=False)
+    _, res = _gptq(x, w, cfg)
+    assert res.weight.dtype == res.scale.dtype == res.zero.dtype == torch.bfloat16
+    assert res.q.dtype == torch.int8 and int(res.q.min()) >= 0 and int(res.q.max()) <= 15
+    assert torch.equal(dequantize_weight(res.q, res.scale, res.zero, 32), res.weight)
+
+
+def test_non_positive_definite_hessian():
+    g = GPTQ(16)
+    g.add_batch(torch.randn(1, 16))  # rank 1
+    w = torch.randn(4, 16)
+    res = g.quantize(w, WeightQuantConfig(), damp=0.01)  # dampening alone fixes it
+    assert torch.isfinite(res.weight).all()
+    g_nan = GPTQ(16)
+    g_nan.add_batch(torch.full((4, 16), float("nan")))
+    with pytest.raises(ValueError, match="positive definite"):
+        g_nan.quantize(w, WeightQuantConfig())
+
+
+def test_zero_damp_is_rescued_by_retry(caplog):
+    g = GPTQ(16)
+    g.add_batch(torch.randn(2, 16))  # rank 2: Cholesky fails without dampening
+    with caplog.at_level(logging.WARNING):
+        res = g.quantize(torch.randn(4, 16), WeightQuantConfig(), damp=0.0)
+    assert torch.isfinite(res.weight).all()
+    assert "damp" in caplog.text
+
+
+def test_input_validation():
+    g = GPTQ(32)
+    w = torch.randn(4, 32)
+    with pytest.raises(ValueError, match="before add_batch"):
+        g.quantize(w, WeightQuantConfig())
+    g.add_batch(torch.randn(8, 32))
+    with pytest.raises(ValueError, match="in_features 32"):
+        g.quantize(torch.randn(4, 16), WeightQuantConfig())
+    with pytest.raises(ValueError, match="does not divide in_features 32"):
+        g.quantize(w, WeightQuantConfig(group_size=12))
+
+
+def test_free_hessian_gives_same_result_and_releases_memory():
+    torch.manual_seed(14)
+    x = _correlated_inputs(256, 32, seed=14)
+    w = torch.randn(8, 32)
+    g = GPTQ(32)
+    g.add_batch(x)
+    cfg = WeightQuantConfig(bits=4, group_size=8)
+    kept = g.quantize(w, cfg, act_order=True)
+    freed = g.quantize(w, cfg, act_order=True, free_hessian=True)
+    assert torch.equal(kept.q, freed.q) and kept.loss == freed.loss
+    assert g.H is None
+    with pytest.raises(ValueError, match="free_hessian"):
+        g.quantize(w, cfg)
+    with pytest.raises(ValueError, match="free_hessian"):
+        g.add_batch(x)
