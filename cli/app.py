@@ -15,21 +15,13 @@ from rich.table import Table
 
 from streamquant.errors import UserError
 
+# Reproducible CPU math: MKL may otherwise pick fewer threads when the machine is busy, which changes reduction
+# order, so two runs (or a run and its resume) would not be byte-identical. Must be set before torch loads MKL.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Layer-streaming DartQuant (rotated INT4) quantization for models bigger than your GPU.")
 err = Console(stderr=True)
-
-
-@contextmanager
-def block_progress(label: str, total: int, quiet: bool = False) -> Iterator[Callable[[int], None]]:
-    """A progress bar over decoder blocks on stderr (stdout stays clean for --json)."""
-    if quiet or not err.is_terminal and os.environ.get("STREAMQUANT_PROGRESS") != "1":
-        yield lambda i: None
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as progress:
-        task = progress.add_task(label, total=total)
-        yield lambda i: progress.update(task, completed=i + 1)
 
 
 @contextmanager
@@ -74,12 +66,9 @@ def eval_cmd(
 ) -> None:
     """Streaming perplexity, one decoder block at a time."""
     from streamquant.evaluate import perplexity
-    from streamquant.source import resolve_model
-    from streamquant.spec import read_spec
 
-    layers = read_spec(resolve_model(model)).num_layers
-    with block_progress("eval", layers, quiet=False) as tick:
-        result = perplexity(model, data, seqlen, windows, dtype, device, micro_batch, on_block=tick)
+    with stage_progress() as on_progress:
+        result = perplexity(model, data, seqlen, windows, dtype, device, micro_batch, on_progress)
     emit(result, as_json, "streamquant eval")
 
 
@@ -148,6 +137,7 @@ def run_cmd(
     eval_windows: Optional[int] = typer.Option(None, help="Evaluate the first N windows (default: all)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    fmt: str = typer.Option("auto", "--format", help="auto, pack-quantized (W4A16, loads in transformers/vLLM), streamquant."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
 ) -> None:
     """Quantize: capture → calibrate R1 → per block rotate, calibrate R2, quantize, write."""
@@ -160,7 +150,7 @@ def run_cmd(
                     kv_bits=kv_bits, weights=weights, group_size=group_size, a_clip=a_clip, calib=calib,
                     samples=samples, seqlen=seqlen, seed=seed, dtype=dtype, device=device, micro_batch=micro_batch,
                     r1_reservoir_bytes=parse_bytes(r1_reservoir), r1_train=dc_replace(R1_CONFIG, epochs=r1_epochs),
-                    r2_train=dc_replace(R2_CONFIG, epochs=r2_epochs), eval=eval, eval_windows=eval_windows)
+                    r2_train=dc_replace(R2_CONFIG, epochs=r2_epochs), eval=eval, eval_windows=eval_windows, format=fmt)
     sink = None
     if out is not None:
         from streamquant.writer import OutputWriter
@@ -171,10 +161,29 @@ def run_cmd(
     emit(result, as_json, "streamquant run")
 
 
+@app.command("verify")
+def verify_cmd(out: str = typer.Argument(..., help="A streamquant output directory.")) -> None:
+    """Re-hash every file against the manifest; report missing, corrupt or unfinished parts (exit 1)."""
+    from streamquant.writer import check_files, read_manifest
+
+    path = Path(out)
+    manifest = read_manifest(path)
+    problems = check_files(path, manifest)
+    if not manifest.get("complete"):
+        problems.append(f"incomplete: {len(manifest.get('blocks', []))} of {manifest.get('num_layers', '?')} blocks "
+                        f"written, not finalized (resume with `streamquant run ... --out {out} --resume`)")
+    for line in problems:
+        err.print(f"[bold red]FAIL[/] {line}", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
+    Console().print(f"OK {len(manifest['files'])} files match the manifest; output complete")
+
+
 def main() -> None:
     """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns (not raises) the code of a typer.Exit here
+        sys.exit(rc if isinstance(rc, int) else 0)
     except UserError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -28,7 +28,7 @@ def open_model(model: str) -> tuple[Path, BlockSource]:
 
 
 def perplexity(model: str, data: str, seqlen: int, windows: int | None, dtype: str = "auto", device: str = "auto",
-               micro_batch: int | None = None, on_block: Callable[[int], None] | None = None) -> dict:
+               micro_batch: int | None = None, on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """PPL = exp(mean over windows of each window's mean next-token NLL), streamed one block at a time."""
     if seqlen < 2:
         raise UserError(f"--seqlen must be at least 2 (got {seqlen})")
@@ -40,7 +40,8 @@ def perplexity(model: str, data: str, seqlen: int, windows: int | None, dtype: s
     ids = eval_windows(tokenize(load_tokenizer(model_dir), read_text(data)), seqlen, windows)
     mb = micro_batch or micro_batch_for(seqlen, spec.hidden_size, spec.intermediate_size, dt)
     engine = Engine(spec, dev, dt, mb, pin=pin_host_memory(dev))
-    nll = stream_nll(source, engine, ids, on_block)
+    tick = None if on_progress is None else (lambda i: on_progress("eval", i + 1, spec.num_layers))
+    nll = stream_nll(source, engine, ids, tick)
     return {
         "model": str(model_dir),
         "ppl": math.exp(float(nll.mean())),

@@ -298,7 +298,7 @@ class Pipeline:
         r1, done = self.sink.begin(self) if self.sink is not None else (None, 0)
         calib, evals = self.load_data()
 
-        if done == 0:
+        if r1 is None:  # a resumed run reuses the saved R1 (and skips the capture pass that fed it)
             t0 = time.perf_counter()
             reservoir = self.capture(calib) if cfg.method == "dart" else None
             stats.time("capture", t0)

@@ -132,6 +132,8 @@ class OutputWriter:
             if manifest.get("run") != identity["run"]:
                 raise UserError(f"--resume: {out} was written with different options; rerun with the same options "
                                 f"or pass --overwrite")
+            for stray in out.rglob(".*.tmp"):  # temp files of the write that was killed
+                stray.unlink()
             problems = check_files(out, manifest)
             if problems:
                 raise UserError(f"--resume: {out} is damaged ({problems[0]}); pass --overwrite to start again")

@@ -1,0 +1,130 @@
+"""The incremental checkpoint: loadable W4A16 export, resume after SIGKILL is byte-identical, partial never passes."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import WIKITEXT, last_json, run_cli
+from streamquant.data import eval_windows, load_tokenizer, tokenize
+
+FAST = ["--samples", "6", "--seqlen", "48", "--r1-epochs", "2", "--r2-epochs", "1", "--r1-reservoir", "1MiB"]
+
+
+def run_args(model, out, *extra):
+    calib = WIKITEXT / "valid.txt"
+    return ["run", str(model), "--out", str(out), "--calib", str(calib) if calib.exists() else "default", *FAST, *extra]
+
+
+def tree(out: Path) -> dict[str, bytes]:
+    """Every file of an output except the run report (it records wall-clock seconds)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != "report.json"}
+
+
+def hf_ppl(model_dir: Path, text: Path, seqlen: int, windows: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    ids = eval_windows(tokenize(load_tokenizer(model_dir), text.read_text()), seqlen, windows)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return math.exp(sum(float(model(w[None], labels=w[None]).loss) for w in ids) / len(ids))
+
+
+@pytest.mark.parametrize("arch,extra", [("llama", ["--weights", "gptq", "--group-size", "16"]),
+                                        ("qwen2", ["--weights", "rtn", "--method", "quarot"])])
+def test_w4a16_loads_in_transformers(tiny_models, eval_text, tmp_path, arch, extra):
+    out = tmp_path / "w4a16"
+    res = run_cli(*run_args(tiny_models[arch], out, "--w-bits", "4", "--a-bits", "16", *extra, "--json"))
+    assert res.returncode == 0, res.stderr
+    assert last_json(res.stdout)["format"] == "pack-quantized"
+    ours = run_cli("eval", str(out), "--data", str(eval_text), "--seqlen", "48", "--windows", "3", "--json")
+    assert ours.returncode == 0, ours.stderr
+    theirs = hf_ppl(out, eval_text, 48, 3)
+    assert abs(last_json(ours.stdout)["ppl"] - theirs) <= 1e-3 * theirs
+    from transformers import AutoModelForCausalLM  # the linears really are compressed-tensors INT4 modules
+    assert "compressed" in AutoModelForCausalLM.from_pretrained(out).config.quantization_config.quant_method
+
+
+def test_w4a4_output_evaluates_like_the_run(tiny_models, eval_text, tmp_path):
+    """The streamquant format (online R3/R4, act/KV quantizers) reloads to the PPL the run measured in-pass."""
+    out = tmp_path / "w4a4"
+    res = run_cli(*run_args(tiny_models["mistral"], out, "--a-bits", "4", "--kv-bits", "4", "--weights", "gptq",
+                            "--eval", str(eval_text), "--eval-windows", "3", "--json"))
+    assert res.returncode == 0, res.stderr
+    run_ppl = last_json(res.stdout)["ppl"]
+    ev = run_cli("eval", str(out), "--data", str(eval_text), "--seqlen", "48", "--windows", "3", "--json")
+    assert ev.returncode == 0, ev.stderr
+    assert abs(last_json(ev.stdout)["ppl"] - run_ppl) <= 1e-5 * run_ppl
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    res = run_cli(*run_args(tiny_models["llama"], out, "--a-bits", "4", "--weights", "gptq"))
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+@pytest.mark.parametrize("crash", ["tmp:R1.safetensors", "after:block-00000.safetensors",
+                                   "tmp:block-00002.safetensors", "tmp:head.safetensors"])
+def test_resume_after_sigkill_is_byte_identical(tiny_models, reference_run, tmp_path, crash):
+    out = tmp_path / "out"
+    args = run_args(tiny_models["llama"], out, "--a-bits", "4", "--weights", "gptq")
+    env = dict(os.environ, STREAMQUANT_CRASH_AT=crash)
+    exe = Path(sys.executable).with_name("streamquant")
+    killed = subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # the partial output is never taken for a finished one
+    ev = run_cli("eval", str(out), "--seqlen", "48", "--windows", "1")
+    assert ev.returncode == 2 and "incomplete" in ev.stderr
+    assert run_cli("verify", str(out)).returncode == 1
+    assert run_cli(*args).returncode == 2  # non-empty --out without --resume is refused
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert tree(out) == tree(reference_run)
+    assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_resume_after_external_sigkill(tiny_models, reference_run, tmp_path):
+    """A kill from outside at whatever point the run has reached once block 1 exists."""
+    out = tmp_path / "out"
+    args = run_args(tiny_models["llama"], out, "--a-bits", "4", "--weights", "gptq")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("streamquant")), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "block-00001.safetensors").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert tree(out) == tree(reference_run)
+
+
+def test_verify_reports_corrupt_and_missing(reference_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(reference_run, out)
+    assert run_cli("verify", str(out)).returncode == 0
+    shard = out / "block-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (out / "block-00002.safetensors").unlink()
+    res = run_cli("verify", str(out))
+    assert res.returncode == 1
+    assert "block-00001.safetensors: corrupt" in res.stderr and "block-00002.safetensors: missing" in res.stderr
+
+
+def test_group_size_that_does_not_divide_is_one_line(tiny_models, tmp_path):
+    res = run_cli(*run_args(tiny_models["llama"], tmp_path / "o", "--group-size", "64", "--a-bits", "16"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--group-size 64 does not divide" in res.stderr and len(res.stderr.strip().splitlines()) == 1
