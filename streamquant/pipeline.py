@@ -26,7 +26,7 @@ from streamquant.qblock import QLinear, Runtime, qlinears
 from streamquant.quant.gptq import GPTQ
 from streamquant.quant.quantizers import ActQuantConfig, WeightQuantConfig
 from streamquant.rotate.dart import R1_CONFIG, R2_CONFIG, RotationTrainConfig, train_r1, train_r2
-from streamquant.rotate.fuse import fuse_embedding, fuse_head, fuse_r2
+from streamquant.rotate.fuse import fuse_embedding, fuse_head
 from streamquant.rotate.model import build_rotated_layer, quantize_layer_rtn, rotate_block
 from streamquant.shards import BlockPrefetcher, ShardIndex
 from streamquant.source import resolve_model
@@ -50,6 +50,7 @@ class RunConfig:
     weights: str = "rtn"              # rtn | gptq
     group_size: int = -1
     w_symmetric: bool = True
+    act_order: bool = False
     a_clip: float = 0.9
     calib: str = "default"
     samples: int = 128
@@ -139,14 +140,22 @@ def _token_subset(total: int, count: int, gen: torch.Generator) -> torch.Tensor:
 
 @dataclass
 class Stats:
+    device: torch.device = torch.device("cpu")
     seconds: dict[str, float] = field(default_factory=dict)
+    peaks: dict[str, dict[str, int]] = field(default_factory=dict)
     r1: dict = field(default_factory=dict)
     r2: list[dict] = field(default_factory=list)
     gptq_loss: list[dict] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
 
     def time(self, stage: str, t0: float) -> None:
+        """Add the stage's seconds and its peaks: host RSS high-water mark so far, GPU allocated since the last stage."""
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+        peak = self.peaks.setdefault(stage, {"host_bytes": 0, "gpu_bytes": 0})
+        peak["host_bytes"] = max(peak["host_bytes"], peak_host_bytes())
+        peak["gpu_bytes"] = max(peak["gpu_bytes"], peak_gpu_bytes(self.device))
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
 
 class Pipeline:
@@ -173,7 +182,7 @@ class Pipeline:
             act=ActQuantConfig(bits=cfg.a_bits, clip_ratio=cfg.a_clip),
             kv_bits=cfg.kv_bits,
         )
-        self.stats = Stats()
+        self.stats = Stats(device=self.device)
 
     def generator(self, purpose: int, layer: int) -> torch.Generator:
         """One generator per (purpose, layer): a resumed run draws exactly what an uninterrupted one drew."""
@@ -269,7 +278,7 @@ class Pipeline:
             self._forward_only(layer, hidden)
             hooks.remove()
             for name, g in gptqs.items():
-                result = g.quantize(linears[name].weight.data, wcfg)
+                result = g.quantize(linears[name].weight.data, wcfg, act_order=self.cfg.act_order)
                 linears[name].weight.data = result.weight.to(linears[name].weight.dtype)
                 linears[name].codes = (result.q, result.scale, result.zero)
                 self.stats.gptq_loss.append({"layer": i, "linear": name, "loss": float(result.loss)})
@@ -331,18 +340,21 @@ class Pipeline:
         with BlockPrefetcher(self.index, pin=engine.pin) as prefetch:
             for i in range(done, spec.num_layers):
                 t0 = time.perf_counter()
-                weights = rotate_block(prefetch.get(i), spec, r1, None, self.runtime.r4_seed)
+                original = prefetch.get(i)
                 prefetch.prefetch(i + 1)
-                stats.time("rotate", t0)
-
-                t0 = time.perf_counter()
                 r2 = None
-                if cfg.method != "none":
-                    probe = build_rotated_layer(engine, i, weights, self.runtime)
+                if cfg.method != "none":  # R2 is learned on this block's o_proj inputs with R1 (and R4) in place
+                    probe = build_rotated_layer(engine, i, rotate_block(original, spec, r1, None, self.runtime.r4_seed),
+                                                self.runtime)
+                    stats.time("rotate", t0)
+                    t0 = time.perf_counter()
                     r2 = self.calibrate_r2(i, probe, hidden)
                     del probe
-                    weights = fuse_r2(weights, r2, spec)
-                stats.time("r2", t0)
+                    stats.time("r2", t0)
+                    t0 = time.perf_counter()
+                weights = rotate_block(original, spec, r1, r2, self.runtime.r4_seed)  # all rotations, one rounding
+                del original
+                stats.time("rotate", t0)
 
                 t0 = time.perf_counter()
                 layer = build_rotated_layer(engine, i, weights, self.runtime)
@@ -377,7 +389,7 @@ class Pipeline:
             nll = engine.head_nll(norm_w, head_w, eval_hidden, evals, spec.rms_norm_eps)
             result |= {"ppl": math.exp(float(nll.mean())), "eval_windows": int(evals.shape[0])}
             stats.time("eval", t0)
-        result |= {"stage_seconds": dict(stats.seconds), "seconds": time.perf_counter() - start,
+        result |= {"stage_seconds": dict(stats.seconds), "stage_peaks": stats.peaks, "seconds": time.perf_counter() - start,
                    "peak_host_bytes": peak_host_bytes(), "peak_gpu_bytes": peak_gpu_bytes(self.device),
                    "r1": stats.r1, "r2": stats.r2}
         if self.sink is not None:

@@ -81,11 +81,11 @@ def test_resume_after_sigkill_is_byte_identical(tiny_models, reference_run, tmp_
     exe = Path(sys.executable).with_name("streamquant")
     killed = subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    # the partial output is never taken for a finished one
-    ev = run_cli("eval", str(out), "--seqlen", "48", "--windows", "1")
-    assert ev.returncode == 2 and "incomplete" in ev.stderr
-    assert run_cli("verify", str(out)).returncode == 1
-    assert run_cli(*args).returncode == 2  # non-empty --out without --resume is refused
+    if crash == "tmp:head.safetensors":  # every block is on disk: the most complete-looking partial output
+        ev = run_cli("eval", str(out), "--seqlen", "48", "--windows", "1")
+        assert ev.returncode == 2 and "incomplete" in ev.stderr  # never taken for a finished one
+        assert run_cli("verify", str(out)).returncode == 1
+        assert run_cli(*args).returncode == 2  # non-empty --out without --resume is refused
     resumed = run_cli(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert tree(out) == tree(reference_run)

@@ -5,8 +5,9 @@ Conventions: activations are row vectors and a Linear computes y = x Wᵀ + b wi
 - Output side (the layer must now emit y R):               W <- Rᵀ W, b <- b R.
 - RMSNorm σ before a Linear:                                W <- W diag(σ), and the norm's σ becomes 1,
   which leaves a plain x / rms(x) that commutes with any orthogonal R1 (‖x R1‖ = ‖x‖).
-Every function takes and returns a block's weight dict (names relative to `model.layers.{i}.`) and casts back to the
-stored dtype once, at the end, so rounding happens once.
+Every function takes and returns a block's weight dict (names relative to `model.layers.{i}.`), touches only the
+tensors present (so a caller can fuse one Linear at a time to bound memory) and computes in the dtype it is given:
+`streamquant.rotate.model.rotate_block` hands it fp64 and casts back once, so rounding happens once.
 """
 from __future__ import annotations
 
@@ -22,61 +23,63 @@ MLP_INPUTS = ("mlp.gate_proj", "mlp.up_proj")
 OUTPUTS = ("self_attn.o_proj", "mlp.down_proj")
 
 
-def _f64(weights: Weights) -> tuple[Weights, dict[str, torch.dtype]]:
-    return {k: v.double() for k, v in weights.items()}, {k: v.dtype for k, v in weights.items()}
-
-
-def _back(weights: Weights, dtypes: dict[str, torch.dtype]) -> Weights:
-    return {k: v.to(dtypes[k]).contiguous() for k, v in weights.items()}
+def _dtype(w: Weights) -> torch.dtype:
+    return next(iter(w.values())).dtype
 
 
 def fuse_norms(weights: Weights) -> Weights:
     """σ of input_layernorm into q/k/v, σ of post_attention_layernorm into gate/up; both norms become ones."""
-    w, dtypes = _f64(weights)
+    w = dict(weights)
     for norm, linears in (("input_layernorm", ATTN_INPUTS), ("post_attention_layernorm", MLP_INPUTS)):
         sigma = w[f"{norm}.weight"]
         for name in linears:
-            w[f"{name}.weight"] = w[f"{name}.weight"] * sigma[None, :]
+            if f"{name}.weight" in w:
+                w[f"{name}.weight"] = w[f"{name}.weight"] * sigma[None, :]
         w[f"{norm}.weight"] = torch.ones_like(sigma)
-    return _back(w, dtypes)
+    return w
 
 
 def fuse_r1(weights: Weights, r1: torch.Tensor) -> Weights:
     """The residual stream is x R1: rotate the input side of q/k/v/gate/up and the output side of o/down."""
-    w, dtypes = _f64(weights)
-    r1 = r1.double()
+    w = dict(weights)
+    r1 = r1.to(_dtype(w))
     for name in ATTN_INPUTS + MLP_INPUTS:
-        w[f"{name}.weight"] = w[f"{name}.weight"] @ r1
+        if f"{name}.weight" in w:
+            w[f"{name}.weight"] = w[f"{name}.weight"] @ r1
     for name in OUTPUTS:
-        w[f"{name}.weight"] = r1.T @ w[f"{name}.weight"]
+        if f"{name}.weight" in w:
+            w[f"{name}.weight"] = r1.T @ w[f"{name}.weight"]
         if f"{name}.bias" in w:
             w[f"{name}.bias"] = w[f"{name}.bias"] @ r1
-    return _back(w, dtypes)
+    return w
 
 
 def fuse_r2(weights: Weights, r2: torch.Tensor, spec: ModelSpec) -> Weights:
     """R2[g] (head_dim × head_dim) on the output of v for KV head g and on o_proj's input columns of every query
     head in group g; it cancels inside attention because softmax weights mix value rows linearly."""
-    w, dtypes = _f64(weights)
-    r2 = r2.double()
+    w = dict(weights)
+    r2 = r2.to(_dtype(w))
     hd, kv, group = spec.head_dim, spec.num_kv_heads, spec.heads_per_group
-    v = w["self_attn.v_proj.weight"].view(kv, hd, -1)                    # rows of head g: v_g = x V_gᵀ
-    w["self_attn.v_proj.weight"] = torch.einsum("gji,gjc->gic", r2, v).reshape(kv * hd, -1)  # V_g <- R2ᵀ V_g
+    if "self_attn.v_proj.weight" in w:
+        v = w["self_attn.v_proj.weight"].view(kv, hd, -1)                    # rows of head g: v_g = x V_gᵀ
+        w["self_attn.v_proj.weight"] = torch.einsum("gji,gjc->gic", r2, v).reshape(kv * hd, -1)  # V_g <- R2ᵀ V_g
     if "self_attn.v_proj.bias" in w:
         b = w["self_attn.v_proj.bias"].view(kv, hd)
         w["self_attn.v_proj.bias"] = torch.einsum("gj,gji->gi", b, r2).reshape(-1)
-    o = w["self_attn.o_proj.weight"]
-    out = o.shape[0]
-    o = o.view(out, kv, group, hd)                                       # input column blocks per query head
-    w["self_attn.o_proj.weight"] = torch.einsum("okhj,kji->okhi", o, r2).reshape(out, -1)  # O_h <- O_h R2[g(h)]
-    return _back(w, dtypes)
+    if "self_attn.o_proj.weight" in w:
+        o = w["self_attn.o_proj.weight"]
+        out = o.shape[0]
+        o = o.view(out, kv, group, hd)                                       # input column blocks per query head
+        w["self_attn.o_proj.weight"] = torch.einsum("okhj,kji->okhi", o, r2).reshape(out, -1)  # O_h <- O_h R2[g(h)]
+    return w
 
 
 def fuse_r4(weights: Weights, hadamard: Callable[[torch.Tensor], torch.Tensor]) -> Weights:
     """down_proj receives x H4 online at run time, so its weight takes W H4 (applied to rows by the same transform)."""
-    w, dtypes = _f64(weights)
-    w["mlp.down_proj.weight"] = hadamard(w["mlp.down_proj.weight"])
-    return _back(w, dtypes)
+    w = dict(weights)
+    if "mlp.down_proj.weight" in w:
+        w["mlp.down_proj.weight"] = hadamard(w["mlp.down_proj.weight"])
+    return w
 
 
 def fuse_embedding(table: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""Real-model checks on SmolLM2-135M (slow; CI runs them): Whip + QR-Orth on real activations, the quality ordering
+of the rotation methods, and the W4A16 export loading in plain transformers."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import WIKITEXT, last_json, run_cli
+from streamquant.kernels.hadamard import random_hadamard_matrix
+from streamquant.pipeline import Pipeline, RunConfig
+from streamquant.rotate.dart import R1_CONFIG, train_r1, whip_loss
+
+pytestmark = pytest.mark.slow
+CALIB = str(WIKITEXT / "valid.txt") if (WIKITEXT / "valid.txt").exists() else "default"
+EVAL = str(WIKITEXT / "test.txt") if (WIKITEXT / "test.txt").exists() else "default"
+
+
+def excess_kurtosis(x: torch.Tensor) -> float:
+    """Mean over tokens of the per-token excess kurtosis (fp64, written out here, not taken from the code under test)."""
+    x = x.double()
+    c = x - x.mean(-1, keepdim=True)
+    var = c.pow(2).mean(-1)
+    return float((c.pow(4).mean(-1) / var.pow(2) - 3).mean())
+
+
+def test_whip_qr_orth_on_real_smollm2_activations(smollm2):
+    pipe = Pipeline(RunConfig(model=str(smollm2), calib=CALIB, samples=4, seqlen=256, r1_reservoir_bytes=24 << 20,
+                              dtype="float32", device="cpu"))
+    calib, _ = pipe.load_data()
+    reservoir = pipe.capture(calib)
+    assert reservoir.shape[1] == 576 and reservoir.abs().sum(-1).min() > 0  # every reservoir row was filled
+    result = train_r1(reservoir, 576, R1_CONFIG, seed=0)
+    r = result.rotation
+    assert (r @ r.T - torch.eye(576, dtype=r.dtype)).abs().max() < 1e-5
+    init = random_hadamard_matrix(576, 0)
+    x = reservoir.double()
+    assert float(whip_loss(x @ r)) < float(whip_loss(x @ init))
+    assert excess_kurtosis(x @ r) < excess_kurtosis(x @ init)
+
+
+def _ppl(*args: str) -> float:
+    res = run_cli("run", "smollm2-135m", "--calib", CALIB, "--eval", EVAL, "--samples", "8", "--seqlen", "256",
+                  "--eval-windows", "8", "--r2-epochs", "2", "--json", *args)
+    assert res.returncode == 0, res.stderr
+    return last_json(res.stdout)["ppl"]
+
+
+def test_w4a4_ordering_dart_quarot_none(smollm2):
+    ppl = {m: _ppl("--method", m, "--w-bits", "4", "--a-bits", "4", "--weights", "rtn") for m in ("none", "quarot", "dart")}
+    assert ppl["dart"] < ppl["quarot"] < ppl["none"], ppl
+
+
+def test_smollm2_w4a16_export_loads_in_transformers(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from streamquant.data import eval_windows, load_tokenizer, read_text, tokenize
+
+    out = tmp_path / "w4a16"
+    res = run_cli("run", "smollm2-135m", "--out", str(out), "--calib", CALIB, "--samples", "4", "--seqlen", "256",
+                  "--w-bits", "4", "--a-bits", "16", "--weights", "gptq", "--group-size", "64", "--json")
+    assert res.returncode == 0, res.stderr
+    ours = run_cli("eval", str(out), "--data", EVAL, "--seqlen", "256", "--windows", "4", "--json")
+    assert ours.returncode == 0, ours.stderr
+    ids = eval_windows(tokenize(load_tokenizer(out), read_text(EVAL)), 256, 4)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = math.exp(sum(float(model(w[None], labels=w[None]).loss) for w in ids) / len(ids))
+    assert abs(last_json(ours.stdout)["ppl"] - theirs) <= 1e-3 * theirs
+    assert theirs < 60  # still a language model after INT4 (fp32 SmolLM2 is ~28 on these windows at 512)
