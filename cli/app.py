@@ -138,6 +138,8 @@ def run_cmd(
     eval_windows: Optional[int] = typer.Option(None, help="Evaluate the first N windows (default: all)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU memory budget, e.g. 23GiB: fits the micro-batch, caps CUDA."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory plan and exit; nothing is read but headers, nothing written."),
     fmt: str = typer.Option("auto", "--format", help="auto, pack-quantized (W4A16, loads in transformers/vLLM), streamquant."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
 ) -> None:
@@ -151,7 +153,13 @@ def run_cmd(
                     kv_bits=kv_bits, weights=weights, group_size=group_size, act_order=act_order, a_clip=a_clip, calib=calib,
                     samples=samples, seqlen=seqlen, seed=seed, dtype=dtype, device=device, micro_batch=micro_batch,
                     r1_reservoir_bytes=parse_bytes(r1_reservoir), r1_train=dc_replace(R1_CONFIG, epochs=r1_epochs),
-                    r2_train=dc_replace(R2_CONFIG, epochs=r2_epochs), eval=eval, eval_windows=eval_windows, format=fmt)
+                    r2_train=dc_replace(R2_CONFIG, epochs=r2_epochs), eval=eval, eval_windows=eval_windows, format=fmt,
+                    gpu_mem=None if gpu_mem is None else parse_bytes(gpu_mem))
+    if dry_run:
+        from streamquant.pipeline import Pipeline as _P
+
+        show_plan(_P(cfg).plan, as_json)
+        return
     sink = None
     if out is not None:
         from streamquant.writer import OutputWriter
@@ -160,6 +168,58 @@ def run_cmd(
     with stage_progress() as on_progress:
         result = Pipeline(cfg, on_progress, sink).run()
     emit(result, as_json, "streamquant run")
+
+
+def show_plan(plan, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(plan.to_json()))
+        return
+    gib = 1 << 30
+    table = Table(title=f"memory plan: micro-batch {plan.micro_batch} on {plan.device}")
+    for col in ("stage", "peak GPU GiB", "peak host GiB"):
+        table.add_column(col, justify="right" if col != "stage" else "left")
+    for stage, s in plan.stages.items():
+        table.add_row(stage, f"{s['gpu_bytes'] / gib:.2f}", f"{s['host_bytes'] / gib:.2f}")
+    Console().print(table)
+    Console().print(f"output on disk: {plan.output_bytes / gib:.2f} GiB; smallest GPU budget that works: "
+                    f"{plan.min_gpu_bytes / gib:.2f} GiB")
+
+
+@app.command("plan")
+def plan_cmd(
+    model: str = typer.Argument(..., help="Local directory, Hub id, or 'smollm2-135m' (headers only are read)."),
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU budget, e.g. 23GiB."),
+    samples: int = typer.Option(128), seqlen: int = typer.Option(2048),
+    eval_windows: int = typer.Option(0, help="Evaluation windows carried through the run."),
+    method: str = typer.Option("dart"), weights: str = typer.Option("gptq"),
+    w_bits: int = typer.Option(4), a_bits: int = typer.Option(4),
+    dtype: str = typer.Option("bfloat16"), device: str = typer.Option("cuda", help="Plan for a cuda or a cpu run."),
+    micro_batch: Optional[int] = typer.Option(None),
+    r1_reservoir: str = typer.Option("256MiB"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Predict per-stage peak GPU and host memory and the output size; choose the micro-batch for --gpu-mem."""
+    from streamquant.plan import DTYPES, Workload, current_host_bytes, fit_micro_batch
+    from streamquant.shards import ShardIndex
+    from streamquant.source import resolve_model
+    from streamquant.spec import read_spec
+
+    if device not in ("cuda", "cpu"):
+        raise UserError(f"--device must be cuda or cpu for planning (got {device!r})")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if samples < 1 or seqlen < 2:
+        raise UserError("--samples must be at least 1 and --seqlen at least 2")
+    import transformers.models.llama.modeling_llama  # noqa: F401  (the baseline RSS includes what a run imports)
+
+    model_dir = resolve_model(model)
+    spec = read_spec(model_dir)
+    index = ShardIndex(model_dir, spec)
+    work = Workload(samples=samples, seqlen=seqlen, eval_windows=eval_windows, method=method, weights=weights,
+                    w_bits=w_bits, a_bits=a_bits, r1_reservoir_bytes=parse_bytes(r1_reservoir))
+    plan = fit_micro_batch(spec, index, work, DTYPES[dtype], device, None if gpu_mem is None else parse_bytes(gpu_mem),
+                           current_host_bytes(), micro_batch)
+    show_plan(plan, as_json)
 
 
 @app.command("verify")

@@ -21,7 +21,8 @@ from torch import nn
 from streamquant.data import calibration_windows, eval_windows, load_tokenizer, read_text, tokenize
 from streamquant.errors import UserError
 from streamquant.kernels.hadamard import random_hadamard_matrix
-from streamquant.plan import micro_batch_for, peak_gpu_bytes, peak_host_bytes, pin_host_memory, resolve_device, resolve_dtype
+from streamquant.plan import (Workload, cap_gpu_memory, current_host_bytes, fit_micro_batch, peak_gpu_bytes,
+                              peak_host_bytes, pin_host_memory, resolve_device, resolve_dtype)
 from streamquant.qblock import QLinear, Runtime, qlinears
 from streamquant.quant.gptq import GPTQ
 from streamquant.quant.quantizers import ActQuantConfig, WeightQuantConfig
@@ -66,6 +67,7 @@ class RunConfig:
     eval: str | None = None
     eval_windows: int | None = None
     format: str = "auto"              # auto | pack-quantized | streamquant
+    gpu_mem: int | None = None        # bytes; the planner fits the micro-batch to it and CUDA is capped to it
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -171,8 +173,11 @@ class Pipeline:
         self.index = ShardIndex(self.model_dir, self.spec)
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        mb = cfg.micro_batch or micro_batch_for(cfg.seqlen, self.spec.hidden_size, self.spec.intermediate_size, self.dtype)
-        self.engine = Engine(self.spec, self.device, self.dtype, mb, pin=pin_host_memory(self.device))
+        self.plan = fit_micro_batch(self.spec, self.index, self.workload(), self.dtype, self.device.type, cfg.gpu_mem,
+                                    current_host_bytes(), cfg.micro_batch)
+        if cfg.gpu_mem is not None:
+            cap_gpu_memory(self.device, cfg.gpu_mem)
+        self.engine = Engine(self.spec, self.device, self.dtype, self.plan.micro_batch, pin=pin_host_memory(self.device))
         rotated = cfg.method != "none"
         self.format = cfg.resolved_format
         online = self.format == "streamquant"   # pack-quantized runtimes apply no online transform: R1/R2 only
@@ -183,6 +188,12 @@ class Pipeline:
             kv_bits=cfg.kv_bits,
         )
         self.stats = Stats(device=self.device)
+
+    def workload(self) -> Workload:
+        cfg = self.cfg
+        return Workload(samples=cfg.samples, seqlen=cfg.seqlen, eval_windows=(cfg.eval_windows or 0) if cfg.eval else 0,
+                        method=cfg.method, weights=cfg.weights, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
+                        r1_reservoir_bytes=cfg.r1_reservoir_bytes, r2_tokens=cfg.r2_tokens, write=cfg.out is not None)
 
     def generator(self, purpose: int, layer: int) -> torch.Generator:
         """One generator per (purpose, layer): a resumed run draws exactly what an uninterrupted one drew."""
@@ -271,18 +282,19 @@ class Pipeline:
             return
         linears = qlinears(layer)
         for group in GPTQ_ORDER:
-            gptqs = {name: GPTQ(linears[name].in_features, device=self.device) for name in group}
+            # the linears of a group read the same input, so they share one Hessian (q/k/v: 3× less memory)
+            gptq = GPTQ(linears[group[0]].in_features, device=self.device)
             hooks = Hooks()
-            for name, g in gptqs.items():
-                hooks.each_input(linears[name], g.add_batch, transform=QLinear.quantized_input)
+            hooks.each_input(linears[group[0]], gptq.add_batch, transform=QLinear.quantized_input)
             self._forward_only(layer, hidden)
             hooks.remove()
-            for name, g in gptqs.items():
-                result = g.quantize(linears[name].weight.data, wcfg, act_order=self.cfg.act_order)
+            for k, name in enumerate(group):
+                result = gptq.quantize(linears[name].weight.data, wcfg, act_order=self.cfg.act_order,
+                                       free_hessian=k == len(group) - 1)
                 linears[name].weight.data = result.weight.to(linears[name].weight.dtype)
                 linears[name].codes = (result.q, result.scale, result.zero)
                 self.stats.gptq_loss.append({"layer": i, "linear": name, "loss": float(result.loss)})
-            del gptqs
+            del gptq
 
     def _check_groups(self, wcfg: WeightQuantConfig) -> None:
         if wcfg.group_size == -1:
@@ -299,6 +311,18 @@ class Pipeline:
         for sl in self.engine.micro_batches(hidden.shape[0]):
             scratch = hidden[sl].clone()
             self.engine.run_block(layer, scratch)
+
+    def predicted_vs_measured(self) -> dict[str, dict[str, int]]:
+        """The planner's stage peaks beside the measured ones (the quantize pass's sub-stages count as 'quantize')."""
+        measured_as = {"capture": ["capture"], "r1": ["r1"], "embed": ["embed"], "eval": ["eval"],
+                       "quantize": ["replay", "rotate", "r2", "quantize", "forward", "write"]}
+        out = {}
+        for stage, pred in self.plan.stages.items():
+            seen = [self.stats.peaks[s] for s in measured_as[stage] if s in self.stats.peaks]
+            out[stage] = {"predicted_gpu_bytes": pred["gpu_bytes"], "predicted_host_bytes": pred["host_bytes"],
+                          "measured_gpu_bytes": max((p["gpu_bytes"] for p in seen), default=0),
+                          "measured_host_bytes": max((p["host_bytes"] for p in seen), default=0)}
+        return out
 
     # ---- the run ----
     def run(self) -> dict:
@@ -319,6 +343,7 @@ class Pipeline:
             if self.sink is not None:
                 self.sink.write_r1(r1)
 
+        t0 = time.perf_counter()
         table = self.index.load_embedding()
         table = table if r1 is None else fuse_embedding(table, r1)
         hidden = engine.embed(table, calib)
@@ -326,6 +351,7 @@ class Pipeline:
         if self.sink is not None:
             self.sink.write_embedding(table)
         del table
+        stats.time("embed", t0)
 
         t0 = time.perf_counter()
         for i in range(done):  # resume: finished blocks are replayed from their *quantized* weights on disk
@@ -389,7 +415,8 @@ class Pipeline:
             nll = engine.head_nll(norm_w, head_w, eval_hidden, evals, spec.rms_norm_eps)
             result |= {"ppl": math.exp(float(nll.mean())), "eval_windows": int(evals.shape[0])}
             stats.time("eval", t0)
-        result |= {"stage_seconds": dict(stats.seconds), "stage_peaks": stats.peaks, "seconds": time.perf_counter() - start,
+        result |= {"plan": self.plan.to_json(), "memory": self.predicted_vs_measured(),
+                   "stage_seconds": dict(stats.seconds), "stage_peaks": stats.peaks, "seconds": time.perf_counter() - start,
                    "peak_host_bytes": peak_host_bytes(), "peak_gpu_bytes": peak_gpu_bytes(self.device),
                    "r1": stats.r1, "r2": stats.r2}
         if self.sink is not None:

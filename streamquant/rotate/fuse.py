@@ -82,11 +82,26 @@ def fuse_r4(weights: Weights, hadamard: Callable[[torch.Tensor], torch.Tensor]) 
     return w
 
 
+ROWS_PER_CHUNK = 4096  # fp64 working set of a vocabulary-sized matrix: 4096 rows, not 32000+ (2 GB each at 70B)
+
+
+def _rows_times(matrix: torch.Tensor, right: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(matrix · diag(scale)) @ right in fp64, row chunk by row chunk, cast back to matrix's dtype."""
+    out = torch.empty_like(matrix)
+    right = right.double()
+    for start in range(0, matrix.shape[0], ROWS_PER_CHUNK):
+        rows = matrix[start: start + ROWS_PER_CHUNK].double()
+        if scale is not None:
+            rows = rows * scale.double()[None, :]
+        out[start: start + ROWS_PER_CHUNK] = (rows @ right).to(matrix.dtype)
+    return out
+
+
 def fuse_embedding(table: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
-    return (table.double() @ r1.double()).to(table.dtype)
+    """Rows of the embedding are residual-stream vectors: E <- E R1."""
+    return _rows_times(table, r1)
 
 
 def fuse_head(norm_weight: torch.Tensor, head_weight: torch.Tensor, r1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Final σ and R1 into a fresh lm_head (never into a tied embedding table, which keeps E R1)."""
-    head = (head_weight.double() * norm_weight.double()[None, :]) @ r1.double()
-    return torch.ones_like(norm_weight), head.to(head_weight.dtype)
+    return torch.ones_like(norm_weight), _rows_times(head_weight, r1, norm_weight)
