@@ -149,10 +149,15 @@ class Stats:
     r2: list[dict] = field(default_factory=list)
     gptq_loss: list[dict] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    blocks: list[dict] = field(default_factory=list)     # per block: seconds by stage, I/O and how much was hidden
+    block: dict | None = None
 
     def time(self, stage: str, t0: float) -> None:
         """Add the stage's seconds and its peaks: host RSS high-water mark so far, GPU allocated since the last stage."""
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        if self.block is not None:
+            self.block[stage] = self.block.get(stage, 0.0) + seconds
         peak = self.peaks.setdefault(stage, {"host_bytes": 0, "gpu_bytes": 0})
         peak["host_bytes"] = max(peak["host_bytes"], peak_host_bytes())
         peak["gpu_bytes"] = max(peak["gpu_bytes"], peak_gpu_bytes(self.device))
@@ -365,6 +370,7 @@ class Pipeline:
 
         with BlockPrefetcher(self.index, pin=engine.pin) as prefetch:
             for i in range(done, spec.num_layers):
+                stats.block = {"block": i}
                 t0 = time.perf_counter()
                 original = prefetch.get(i)
                 prefetch.prefetch(i + 1)
@@ -399,6 +405,10 @@ class Pipeline:
                     self.sink.write_block(i, layer, r2, cfg.weight_cfg)
                 stats.time("write", t0)
                 del layer
+                io, wait = prefetch.io_seconds.get(i, 0.0), prefetch.wait_seconds.get(i, 0.0)
+                stats.block |= {"io": io, "io_wait": wait, "io_hidden": 1.0 - wait / io if io > 0 else 1.0}
+                stats.blocks.append(stats.block)
+                stats.block = None
                 self.progress("quantize", i + 1, spec.num_layers)
 
         norm_w, head_w = self.index.load_head()
@@ -416,7 +426,7 @@ class Pipeline:
             result |= {"ppl": math.exp(float(nll.mean())), "eval_windows": int(evals.shape[0])}
             stats.time("eval", t0)
         result |= {"plan": self.plan.to_json(), "memory": self.predicted_vs_measured(),
-                   "stage_seconds": dict(stats.seconds), "stage_peaks": stats.peaks, "seconds": time.perf_counter() - start,
+                   "stage_seconds": dict(stats.seconds), "stage_peaks": stats.peaks, "blocks": stats.blocks, "seconds": time.perf_counter() - start,
                    "peak_host_bytes": peak_host_bytes(), "peak_gpu_bytes": peak_gpu_bytes(self.device),
                    "r1": stats.r1, "r2": stats.r2}
         if self.sink is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,14 +178,25 @@ class BlockPrefetcher:
         self.pin = pin
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sq-prefetch")
         self._pending: dict[int, Future] = {}
+        self.io_seconds: dict[int, float] = {}     # time the reader thread spent loading block i
+        self.wait_seconds: dict[int, float] = {}   # time the caller was blocked waiting for it (I/O not hidden)
+
+    def _load(self, i: int) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        block = self.index.load_block(i, self.pin)
+        self.io_seconds[i] = time.perf_counter() - t0
+        return block
 
     def prefetch(self, i: int) -> None:
         if 0 <= i < self.index.spec.num_layers and i not in self._pending:
-            self._pending[i] = self._pool.submit(self.index.load_block, i, self.pin)
+            self._pending[i] = self._pool.submit(self._load, i)
 
     def get(self, i: int) -> dict[str, torch.Tensor]:
         self.prefetch(i)
-        return self._pending.pop(i).result()
+        t0 = time.perf_counter()
+        block = self._pending.pop(i).result()
+        self.wait_seconds[i] = time.perf_counter() - t0
+        return block
 
     def close(self) -> None:
         for fut in self._pending.values():
