@@ -98,21 +98,22 @@ def write_checkpoint(out: Path, shape: dict, seed: int = 0, sparse: bool = False
         save_file(data, str(out / file), metadata={"format": "pt"})
         del data
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    _tokenizer(out, shape["vocab_size"])
+    from streamquant.data import read_text
+
+    save_bpe_tokenizer(out, min(shape["vocab_size"], 4096), read_text("default"))
     return out
 
 
-def _tokenizer(out: Path, vocab: int) -> None:
+def save_bpe_tokenizer(out: Path, vocab: int, text: str) -> None:
+    """A real byte-level BPE tokenizer trained on `text`, saved the way Hub models ship theirs (ids < vocab)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from streamquant.data import read_text
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=min(vocab, 4096), special_tokens=["<unk>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(read_text("default").splitlines(), trainer)
+    tok.train_from_iterator(text.splitlines(), trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(out)

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from synthetic import save_bpe_tokenizer  # noqa: E402  (one tokenizer recipe for test and benchmark models)
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WIKITEXT = SHARED / "data" / "wikitext-2"
 VOCAB = 512
@@ -36,22 +39,6 @@ def calibration_text() -> str:
     return resources.files("streamquant").joinpath("data/default_calib.txt").read_text(encoding="utf-8")
 
 
-def make_tokenizer(out: Path) -> None:
-    """A real (small) BPE tokenizer trained on WikiText, saved the way Hub models ship theirs."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(calibration_text()[:200_000].splitlines(), trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(out)
-
-
 def make_tiny_model(out: Path, arch: str, seed: int = 0, max_shard_size: str = "60KB", dtype=torch.float32) -> Path:
     """A random checkpoint with non-trivial norms and biases, sharded so blocks straddle files."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -69,7 +56,7 @@ def make_tiny_model(out: Path, arch: str, seed: int = 0, max_shard_size: str = "
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     model.to(dtype).save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
-    make_tokenizer(out)
+    save_bpe_tokenizer(out, VOCAB, calibration_text()[:200_000])
     return out
 
 

@@ -2,15 +2,13 @@
 and --dry-run writes nothing."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import last_json, run_cli
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from synthetic import LLAMA2_70B, write_checkpoint  # noqa: E402
+from synthetic import LLAMA2_70B, write_checkpoint  # noqa: E402  (benchmarks/ is on sys.path via conftest)
 
 GIB = 1 << 30
 
