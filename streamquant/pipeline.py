@@ -22,7 +22,7 @@ from streamquant.data import calibration_windows, eval_windows, load_tokenizer, 
 from streamquant.errors import UserError
 from streamquant.kernels.hadamard import random_hadamard_matrix
 from streamquant.plan import (Workload, cap_gpu_memory, current_host_bytes, fit_micro_batch, peak_gpu_bytes,
-                              peak_host_bytes, pin_host_memory, resolve_device, resolve_dtype)
+                              peak_gpu_reserved_bytes, peak_host_bytes, pin_host_memory, resolve_device, resolve_dtype)
 from streamquant.qblock import QLinear, Runtime, qlinears
 from streamquant.quant.gptq import GPTQ
 from streamquant.quant.quantizers import ActQuantConfig, WeightQuantConfig
@@ -158,9 +158,10 @@ class Stats:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
         if self.block is not None:
             self.block[stage] = self.block.get(stage, 0.0) + seconds
-        peak = self.peaks.setdefault(stage, {"host_bytes": 0, "gpu_bytes": 0})
+        peak = self.peaks.setdefault(stage, {"host_bytes": 0, "gpu_bytes": 0, "gpu_reserved_bytes": 0})
         peak["host_bytes"] = max(peak["host_bytes"], peak_host_bytes())
         peak["gpu_bytes"] = max(peak["gpu_bytes"], peak_gpu_bytes(self.device))
+        peak["gpu_reserved_bytes"] = max(peak["gpu_reserved_bytes"], peak_gpu_reserved_bytes(self.device))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 

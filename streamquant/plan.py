@@ -55,6 +55,11 @@ def peak_gpu_bytes(device: torch.device) -> int:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
 
 
+def peak_gpu_reserved_bytes(device: torch.device) -> int:
+    """What the caching allocator held (what nvidia-smi and a 24 GiB card see), not just live tensors."""
+    return int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The memory plan: predicted peak bytes per pipeline stage, from config.json and safetensors headers only.
 # Each term names the tensor the pipeline really holds at that moment (see pipeline.py); `plan` and `run` use it to

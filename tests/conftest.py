@@ -88,7 +88,7 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """The CLI exactly as a user types it (a fresh process through the installed console script)."""
     exe = Path(sys.executable).with_name("streamquant")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "streamquant.cli.app"]
-    env = dict(os.environ, STREAMQUANT_PROGRESS="0")
+    env = dict(os.environ, STREAMQUANT_PROGRESS="0", HF_HUB_OFFLINE="1")  # tests never reach the network
     return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=env)
 
 

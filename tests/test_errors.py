@@ -81,7 +81,37 @@ def _case_short_data(tmp_path, tiny, text):
     return [str(tiny), "--data", str(short)], "fewer than one window"
 
 
+def _case_corrupt_header(tmp_path, tiny, text):
+    d = _copy(tiny, tmp_path / "m")
+    shard = _shards(d)[0]
+    raw = bytearray(shard.read_bytes())
+    raw[8:20] = b"not json!!!!"
+    shard.write_bytes(bytes(raw))
+    return [str(d)], f"{shard.name}: corrupt safetensors header"
+
+
+def _case_hub_offline(tmp_path, tiny, text):
+    return ["streamquant-tests/not-a-cached-model"], "not in the local Hub cache"
+
+
 CASES = {name.removeprefix("_case_"): fn for name, fn in globals().items() if name.startswith("_case_")}
+
+
+def test_info_reads_headers(tiny_models):
+    """`info` reports per-block bytes equal to the sum of that block's tensor sizes in the real files."""
+    from safetensors import safe_open
+
+    from conftest import last_json
+
+    d = tiny_models["qwen2"]
+    res = run_cli("info", str(d), "--json")
+    assert res.returncode == 0, res.stderr
+    info = last_json(res.stdout)
+    total = 0
+    for shard in _shards(d):
+        with safe_open(str(shard), framework="pt") as fh:
+            total += sum(fh.get_tensor(k).nbytes for k in fh.keys() if k.startswith("model.layers.0."))
+    assert info["max_block_bytes"] == total and info["model_type"] == "qwen2" and info["attention_bias"] is True
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
