@@ -42,7 +42,7 @@ def test_whip_qr_orth_on_real_smollm2_activations(smollm2):
 
 def _ppl(*args: str) -> float:
     res = run_cli("run", "smollm2-135m", "--calib", CALIB, "--eval", EVAL, "--samples", "8", "--seqlen", "256",
-                  "--eval-windows", "8", "--r2-epochs", "2", "--json", *args)
+                  "--eval-windows", "8", "--r2-epochs", "2", "--r1-reservoir", "64MiB", "--json", *args, timeout=1800)
     assert res.returncode == 0, res.stderr
     return last_json(res.stdout)["ppl"]
 
@@ -59,7 +59,8 @@ def test_smollm2_w4a16_export_loads_in_transformers(smollm2, tmp_path):
 
     out = tmp_path / "w4a16"
     res = run_cli("run", "smollm2-135m", "--out", str(out), "--calib", CALIB, "--samples", "4", "--seqlen", "256",
-                  "--w-bits", "4", "--a-bits", "16", "--weights", "gptq", "--group-size", "64", "--json")
+                  "--w-bits", "4", "--a-bits", "16", "--weights", "gptq", "--group-size", "64", "--json",
+                  timeout=1800)
     assert res.returncode == 0, res.stderr
     ours = run_cli("eval", str(out), "--data", EVAL, "--seqlen", "256", "--windows", "4", "--json")
     assert ours.returncode == 0, ours.stderr
