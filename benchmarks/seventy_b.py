@@ -39,10 +39,8 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="where the synthetic checkpoint and output go (default: a temp dir)")
     args = p.parse_args()
 
-    import torch
-
     from streamquant.pipeline import Pipeline, RunConfig
-    from streamquant.plan import Workload, current_host_bytes, fit_micro_batch, resolve_dtype, resolve_device
+    from streamquant.plan import current_host_bytes, fit_micro_batch, resolve_dtype, resolve_device
     from streamquant.shards import ShardIndex
     from streamquant.spec import read_spec
     from streamquant.cli.app import parse_bytes

@@ -202,7 +202,7 @@ class OutputWriter:
 
     # ---- finalize ----
     def finish(self, pipeline, norm_weight: torch.Tensor, head_weight: torch.Tensor, result: dict) -> None:
-        out, spec = self.out, pipeline.spec
+        out = self.out
         save_tensors(out / HEAD_FILE, {"model.norm.weight": norm_weight, "lm_head.weight": head_weight})
         self._add(HEAD_FILE)
         weight_map = {}
