@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: an RSS sampler (psutil) and appending a section to RESULTS.md."""
+"""Shared by the benchmark scripts: the RSS sampler (from streamquant.bench) and appending a section to RESULTS.md."""
 from __future__ import annotations
 
 import datetime
@@ -6,36 +6,14 @@ import json
 import platform
 import shlex
 import sys
-import threading
 from pathlib import Path
 
 import psutil
 
+from streamquant.bench import PeakRSS  # noqa: F401  (re-exported for the scripts)
+
+__all__ = ["PeakRSS", "RESULTS", "append_results", "machine"]
 RESULTS = Path(__file__).with_name("RESULTS.md")
-
-
-class PeakRSS:
-    """Samples this process's resident set size on a thread; peak in bytes."""
-
-    def __init__(self, interval: float = 0.02):
-        self.interval, self.peak = interval, 0
-        self._stop = threading.Event()
-        self._proc = psutil.Process()
-
-    def __enter__(self) -> "PeakRSS":
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(self.interval)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
 def machine() -> str:

@@ -211,16 +211,43 @@ def plan_cmd(
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if samples < 1 or seqlen < 2:
         raise UserError("--samples must be at least 1 and --seqlen at least 2")
-    import transformers.models.llama.modeling_llama  # noqa: F401  (the baseline RSS includes what a run imports)
+    from streamquant.stream import layer_class
 
     model_dir = resolve_model(model)
     spec = read_spec(model_dir)
+    layer_class(spec.model_type)  # the baseline RSS includes the model code a run imports
     index = ShardIndex(model_dir, spec)
     work = Workload(samples=samples, seqlen=seqlen, eval_windows=eval_windows, method=method, weights=weights,
                     w_bits=w_bits, a_bits=a_bits, r1_reservoir_bytes=parse_bytes(r1_reservoir))
     plan = fit_micro_batch(spec, index, work, DTYPES[dtype], device, None if gpu_mem is None else parse_bytes(gpu_mem),
                            current_host_bytes(), micro_batch)
     show_plan(plan, as_json)
+
+
+@app.command("bench")
+def bench_cmd(
+    scale: int = typer.Option(1, help="Divide every Llama-2-70B dimension by this (1 = real 70B blocks)."),
+    blocks: int = typer.Option(4, help="Decoder blocks in the synthetic checkpoint (the report extrapolates to 80)."),
+    samples: int = typer.Option(128), seqlen: int = typer.Option(2048),
+    gpu_mem: str = typer.Option("23GiB", "--gpu-mem", help="GPU budget (ignored on a CPU run)."),
+    device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
+    weights: str = typer.Option("gptq", help="gptq or rtn."),
+    r1_reservoir: str = typer.Option("256MiB", help="Byte budget of the sampled R1 calibration reservoir."),
+    workdir: Optional[str] = typer.Option(None, help="Keep the synthetic checkpoint and output here (default: temp, removed)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
+) -> None:
+    """The 70B-shape proof: full pipeline on synthetic Llama-2-70B-shaped blocks; time and memory per stage,
+    planner vs measured, and the extrapolation to 80 blocks."""
+    from streamquant.bench import BenchConfig, markdown, seventy_b
+
+    cfg = BenchConfig(scale=scale, blocks=blocks, samples=samples, seqlen=seqlen, gpu_mem=parse_bytes(gpu_mem),
+                      device=device, dtype=dtype, weights=weights, r1_reservoir_bytes=parse_bytes(r1_reservoir), workdir=Path(workdir) if workdir else None)
+    with stage_progress() as on_progress:
+        result = seventy_b(cfg, on_progress)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        Console().print(markdown(result))
 
 
 @app.command("verify")

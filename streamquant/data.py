@@ -10,6 +10,8 @@ import torch
 from streamquant.errors import UserError
 
 DEFAULT_TEXT = "default"
+BYTES_PER_TOKEN = 3.5   # English text under a Llama-family tokenizer: 4.0 on WikiText-2 with SmolLM2's (a bit fewer
+                        # bytes per token errs toward more evaluation windows, i.e. more planned memory)
 
 
 def load_tokenizer(model_dir: Path):
@@ -37,6 +39,15 @@ def read_text(source: str) -> str:
     if ":" in source and importlib.util.find_spec("datasets") is not None:
         return _hub_text(source)
     raise UserError(f"data file {path} does not exist (or pass 'name[:config]:split' with `datasets` installed)")
+
+
+def text_bytes(source: str) -> int:
+    """Size of a text source without reading it (0 when unknown: a Hub dataset), for the memory plan."""
+    if source == DEFAULT_TEXT:
+        with resources.as_file(resources.files("streamquant").joinpath("data/default_calib.txt")) as path:
+            return path.stat().st_size
+    path = Path(source).expanduser()
+    return path.stat().st_size if path.is_file() else 0
 
 
 def _hub_text(source: str) -> str:

@@ -8,7 +8,8 @@ from typing import Callable
 
 from streamquant.errors import UserError
 from streamquant.data import eval_windows, load_tokenizer, read_text, tokenize
-from streamquant.plan import micro_batch_for, peak_gpu_bytes, peak_host_bytes, pin_host_memory, resolve_device, resolve_dtype
+from streamquant.plan import (micro_batch_for, peak_gpu_bytes, peak_host_bytes, pin_host_memory, resolve_device, resolve_dtype,
+                              return_freed_memory_to_os)
 from streamquant.shards import ShardIndex
 from streamquant.source import resolve_model
 from streamquant.spec import read_spec
@@ -33,6 +34,7 @@ def perplexity(model: str, data: str, seqlen: int, windows: int | None, dtype: s
     if seqlen < 2:
         raise UserError(f"--seqlen must be at least 2 (got {seqlen})")
     start = time.perf_counter()
+    return_freed_memory_to_os()
     model_dir, source = open_model(model)
     spec = source.spec
     dev = resolve_device(device)

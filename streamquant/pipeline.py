@@ -18,11 +18,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from streamquant.data import calibration_windows, eval_windows, load_tokenizer, read_text, tokenize
+from streamquant.data import (BYTES_PER_TOKEN, calibration_windows, eval_windows, load_tokenizer, read_text, text_bytes,
+                              tokenize)
 from streamquant.errors import UserError
 from streamquant.kernels.hadamard import random_hadamard_matrix
 from streamquant.plan import (Workload, cap_gpu_memory, current_host_bytes, fit_micro_batch, peak_gpu_bytes,
-                              peak_gpu_reserved_bytes, peak_host_bytes, pin_host_memory, resolve_device, resolve_dtype)
+                              peak_gpu_reserved_bytes, peak_host_bytes, pin_host_memory, release_host_memory,
+                              resolve_device, resolve_dtype, return_freed_memory_to_os, warm_up)
 from streamquant.qblock import QLinear, Runtime, qlinears
 from streamquant.quant.gptq import GPTQ
 from streamquant.quant.quantizers import ActQuantConfig, WeightQuantConfig
@@ -32,7 +34,7 @@ from streamquant.rotate.model import build_rotated_layer, quantize_layer_rtn, ro
 from streamquant.shards import BlockPrefetcher, ShardIndex
 from streamquant.source import resolve_model
 from streamquant.spec import ModelSpec, read_spec
-from streamquant.stream import Engine
+from streamquant.stream import Engine, layer_class
 
 METHODS = ("dart", "quarot", "none")
 # GPTQ order inside a block: each group sees inputs produced by the already-quantized groups before it.
@@ -164,6 +166,7 @@ class Stats:
         peak["gpu_reserved_bytes"] = max(peak["gpu_reserved_bytes"], peak_gpu_reserved_bytes(self.device))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        release_host_memory()  # what this stage freed goes back to the OS before the next stage allocates
 
 
 class Pipeline:
@@ -179,6 +182,10 @@ class Pipeline:
         self.index = ShardIndex(self.model_dir, self.spec)
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        return_freed_memory_to_os()
+        self.tokenizer = load_tokenizer(self.model_dir)
+        layer_class(self.spec.model_type)   # the baseline RSS includes tokenizer, model code and device runtime
+        warm_up(self.device)
         self.plan = fit_micro_batch(self.spec, self.index, self.workload(), self.dtype, self.device.type, cfg.gpu_mem,
                                     current_host_bytes(), cfg.micro_batch)
         if cfg.gpu_mem is not None:
@@ -197,9 +204,14 @@ class Pipeline:
 
     def workload(self) -> Workload:
         cfg = self.cfg
-        return Workload(samples=cfg.samples, seqlen=cfg.seqlen, eval_windows=(cfg.eval_windows or 0) if cfg.eval else 0,
-                        method=cfg.method, weights=cfg.weights, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
-                        r1_reservoir_bytes=cfg.r1_reservoir_bytes, r2_tokens=cfg.r2_tokens, write=cfg.out is not None)
+        texts = [text_bytes(cfg.calib)] + ([text_bytes(cfg.eval)] if cfg.eval else [])
+        windows = 0
+        if cfg.eval:  # all windows unless limited: estimated from the text size (~3.5 bytes per token) before tokenizing
+            windows = cfg.eval_windows or int(texts[-1] / BYTES_PER_TOKEN // cfg.seqlen)
+        return Workload(samples=cfg.samples, seqlen=cfg.seqlen, eval_windows=windows, method=cfg.method,
+                        weights=cfg.weights, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
+                        r1_reservoir_bytes=cfg.r1_reservoir_bytes, r2_tokens=cfg.r2_tokens, write=cfg.out is not None,
+                        text_bytes=max(texts))
 
     def generator(self, purpose: int, layer: int) -> torch.Generator:
         """One generator per (purpose, layer): a resumed run draws exactly what an uninterrupted one drew."""
@@ -207,7 +219,7 @@ class Pipeline:
 
     # ---- data ----
     def load_data(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        tok = load_tokenizer(self.model_dir)
+        tok = self.tokenizer
         calib = calibration_windows(tokenize(tok, read_text(self.cfg.calib)), self.cfg.seqlen, self.cfg.samples, self.cfg.seed)
         evals = None
         if self.cfg.eval:
@@ -240,6 +252,7 @@ class Pipeline:
                 engine.run_block(layer, hidden)
                 hooks.remove()
                 del layer
+                release_host_memory()
                 self.progress("capture", i + 1, spec.num_layers)
         return reservoir
 
@@ -320,7 +333,7 @@ class Pipeline:
 
     def predicted_vs_measured(self) -> dict[str, dict[str, int]]:
         """The planner's stage peaks beside the measured ones (the quantize pass's sub-stages count as 'quantize')."""
-        measured_as = {"capture": ["capture"], "r1": ["r1"], "embed": ["embed"], "eval": ["eval"],
+        measured_as = {"load": ["load"], "capture": ["capture"], "head": ["head"], "r1": ["r1"], "embed": ["embed"], "eval": ["eval"],
                        "quantize": ["replay", "rotate", "r2", "quantize", "forward", "write"]}
         out = {}
         for stage, pred in self.plan.stages.items():
@@ -335,7 +348,9 @@ class Pipeline:
         spec, engine, stats, cfg = self.spec, self.engine, self.stats, self.cfg
         start = time.perf_counter()
         r1, done = self.sink.begin(self) if self.sink is not None else (None, 0)
+        t0 = time.perf_counter()
         calib, evals = self.load_data()
+        stats.time("load", t0)
 
         if r1 is None:  # a resumed run reuses the saved R1 (and skips the capture pass that fed it)
             t0 = time.perf_counter()
@@ -366,6 +381,7 @@ class Pipeline:
             if eval_hidden is not None:
                 engine.run_block(layer, eval_hidden)
             del layer
+            release_host_memory()
             self.progress("replay", i + 1, done)
         stats.time("replay", t0)
 
@@ -406,15 +422,18 @@ class Pipeline:
                     self.sink.write_block(i, layer, r2, cfg.weight_cfg)
                 stats.time("write", t0)
                 del layer
+                release_host_memory()
                 io, wait = prefetch.io_seconds.get(i, 0.0), prefetch.wait_seconds.get(i, 0.0)
                 stats.block |= {"io": io, "io_wait": wait, "io_hidden": 1.0 - wait / io if io > 0 else 1.0}
                 stats.blocks.append(stats.block)
                 stats.block = None
                 self.progress("quantize", i + 1, spec.num_layers)
 
+        t0 = time.perf_counter()
         norm_w, head_w = self.index.load_head()
         if r1 is not None:
             norm_w, head_w = fuse_head(norm_w, head_w, r1)
+        stats.time("head", t0)
         result = {
             "model": str(self.model_dir), "method": cfg.method, "weights": cfg.weights, "w_bits": cfg.w_bits,
             "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits, "group_size": cfg.group_size, "samples": cfg.samples,

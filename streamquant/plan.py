@@ -6,6 +6,7 @@ stay free of policy.
 from __future__ import annotations
 
 import resource
+from dataclasses import dataclass, field
 
 import torch
 
@@ -65,7 +66,6 @@ def peak_gpu_reserved_bytes(device: torch.device) -> int:
 # Each term names the tensor the pipeline really holds at that moment (see pipeline.py); `plan` and `run` use it to
 # pick the micro-batch that fits --gpu-mem, and report.json puts the measured peaks beside it.
 # ---------------------------------------------------------------------------------------------------------------
-from dataclasses import dataclass, field  # noqa: E402
 
 GIB = 1 << 30
 
@@ -84,6 +84,7 @@ class Workload:
     r1_reservoir_bytes: int = 256 << 20
     r2_tokens: int = 16384
     write: bool = True
+    text_bytes: int = 0               # the largest text the run tokenizes (calibration or evaluation)
 
 
 @dataclass
@@ -109,70 +110,108 @@ class Plan:
                 "min_gpu_bytes": self.min_gpu_bytes, "gpu_budget": self.gpu_budget, "stages": self.stages}
 
 
-def _activation_bytes_per_token(spec, b: int, a_bits: int) -> int:
-    """One decoder layer's live activations per token: residual/normed/output hidden, q/k/v/attention output, the
-    MLP's gate/up/act/product, and fp32 temporaries of the per-token quantizer and the online R4 on the widest input."""
+# A fast tokenizer holds ~140 bytes per character of text while it encodes a whole text at once (ids, offsets, token
+# strings; measured 142-144 B/char with SmolLM2's byte-level BPE on WikiText-2 valid and test).
+TOKENIZE_BYTES_PER_TEXT_BYTE = 150
+
+
+def _activation_bytes_per_token(spec, b: int, a_bits: int, on_gpu: bool) -> int:
+    """Live activations per token at a decoder layer's peak, the MLP: the attention residual, the normed input,
+    act(gate), up, their product (transformers frees gate once act() returns), and on a GPU the block input copied
+    from the host buffer (on a CPU it is a view). With activation quantization, down_proj's input also gets the online
+    R4 output and the quantizer's fp32 work tensors (plus an fp32 copy of a half-precision input).
+    Measured on CPU in fp32 at hidden 2048 / intermediate 7168: 3h+3i floats per token, and +2i with W4A4."""
     h, i = spec.hidden_size, spec.intermediate_size
-    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    act = b * (6 * h + 2 * q + 2 * kv + 4 * i)
-    return act + (4 * 3 * max(h, i) if a_bits < 16 else 0)
+    act = b * ((4 if on_gpu else 3) * h + 3 * i)
+    if a_bits < 16:
+        act += b * max(h, i) + 4 * max(h, i) + (4 * max(h, i) if b < 4 else 0)
+    return act
+
+
+@dataclass(frozen=True)
+class Moment:
+    """What one instant of a stage holds beyond the stage's persistent buffers: on the device and on the host."""
+
+    device: int
+    host: int
 
 
 def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_batch: int,
             base_host_bytes: int) -> Plan:
-    """Peak GPU and host bytes of every stage for this micro-batch (device 'cuda' or 'cpu')."""
+    """Peak GPU and host bytes of every stage for this micro-batch (device 'cuda' or 'cpu').
+
+    Each stage is the maximum over the moments the pipeline really goes through (pipeline.py, in order); each moment
+    lists the tensors alive then. On a CPU run the device is the host, so device bytes add to the resident set."""
     b = torch.finfo(dtype).bits // 8
     h, i, v, L = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.num_layers
     q = spec.num_heads * spec.head_dim
+    dart = work.method == "dart"
     tokens = micro_batch * work.seqlen
-    block_stored = max(index.block_bytes(k) for k in range(L))
-    block_compute = spec.block_params() * b
-    widest_linear = max(i * h, q * h)
-    fuse64 = 2 * widest_linear * 8                               # one Linear in fp64 and its fused result
+    stored = max(index.block_bytes(k) for k in range(L))        # one block as read from disk (prefetch staging)
+    compute = spec.block_params() * b                            # one built block in the compute dtype
+    codes = spec.block_params() if work.w_bits < 16 else 0       # int8 codes kept for the writer
+    widest = max(i * h, q * h)
+    fuse64 = 2 * widest * 8                                      # one Linear in fp64 and its fused result
     hidden = work.samples * work.seqlen * h * b
     eval_hidden = work.eval_windows * work.seqlen * h * b
-    act = tokens * _activation_bytes_per_token(spec, b, work.a_bits)
-    if spec.sliding_window and work.seqlen > spec.sliding_window:
-        act += micro_batch * spec.num_heads * work.seqlen ** 2 * b  # explicit mask -> SDPA materialises scores
-    per_side = min(work.samples * work.seqlen, max(1, work.r1_reservoir_bytes // (4 * h) // (2 * L)))
-    reservoir = 2 * L * per_side * h * 4 if work.method == "dart" else 0
-    r1_train = 10 * h * h * 4 if work.method == "dart" else 0    # Z, grad, momentum, Q, R and autograd buffers
-    r2_samples = min(work.r2_tokens, work.samples * work.seqlen) * q * 4 if work.method == "dart" else 0
-    if work.weights == "gptq" and work.w_bits < 16:
-        gptq = max(3 * h * h, 2 * i * i) * 4 + 3 * widest_linear * 4   # Hessian + inverse/Cholesky, weight copies
-    else:
-        gptq = widest_linear * 4 * 2 if work.w_bits < 16 else 0       # RTN codes and dequantized copy
-    embed_stored = v * h * index.entries["model.embed_tokens.weight"].nbytes // max(1, v * h)
-    embed_fuse = 2 * embed_stored + 2 * 4096 * h * 8 if work.method != "none" else embed_stored  # rotate.fuse chunks
-    logits = work.seqlen * v * 4 * 3
-
     on_gpu = device == "cuda"
-    staging = 2 * block_stored                                    # block in use + the prefetched one (pinned host)
-    gpu, host = {}, {}
-    # capture: one full-precision block and a micro-batch on the device; hidden states and reservoir on the host
-    gpu["capture"] = block_compute + act
-    host["capture"] = hidden + reservoir + staging + fuse64 + embed_stored
-    gpu["r1"] = r1_train
-    host["r1"] = hidden + reservoir
-    gpu["embed"] = 0                                              # pass 2 starts: E·R1 and the hidden buffers
-    host["embed"] = hidden + eval_hidden + embed_fuse
-    # quantize pass: rotated block (probe, then final), R2 samples, GPTQ Hessians, micro-batch activations
-    gpu["quantize"] = block_compute + act + gptq + r2_samples
-    host["quantize"] = hidden + eval_hidden + staging + fuse64 + block_stored
+    scores = micro_batch * spec.num_heads * work.seqlen ** 2 * b  # an explicit mask makes SDPA materialise scores
+    scores = scores if spec.sliding_window and work.seqlen > spec.sliding_window else 0
+    act16 = tokens * _activation_bytes_per_token(spec, b, 16, on_gpu) + scores   # capture: full precision
+    act = tokens * _activation_bytes_per_token(spec, b, work.a_bits, on_gpu) + scores
+    scratch = tokens * h * b                                     # _forward_only's clone of a micro-batch
+    per_side = min(work.samples * work.seqlen, max(1, work.r1_reservoir_bytes // (4 * h) // (2 * L)))
+    reservoir = 2 * L * per_side * h * 4 if dart else 0
+    r1_train = 10 * h * h * 4 if dart else 0                     # Z, grad, momentum, Q, R and autograd buffers
+    whip_eval = 5 * min(8192, 2 * L * per_side) * h * 4 if dart else 0  # a chunk of rows, rotated, |.|, exp
+    r2_samples = min(work.r2_tokens, work.samples * work.seqlen) * q * 4 if dart else 0
+    hessian = max(h * h, i * i) * 4 + tokens * max(h, i) * 4    # accumulating: H and the fp32 input it is fed
+    solve = max(3 * h * h, 2 * i * i) * 4 + 3 * widest * 4       # H, its inverse/Cholesky, fp32 weight copies
+    if work.w_bits >= 16:
+        weight_quant = []
+    elif work.weights == "gptq":                                 # per group: a forward feeding H, then the solve
+        weight_quant = [Moment(compute + codes + act + scratch + hessian, stored), Moment(compute + codes + solve, stored)]
+    else:                                                        # RTN: fp32 work copy and the dequantized weight
+        weight_quant = [Moment(compute + codes + 2 * widest * 4, stored)]
+    embed_stored = index.entries["model.embed_tokens.weight"].nbytes
+    embed_fuse = 2 * embed_stored + 2 * 4096 * h * 8 if work.method != "none" else embed_stored  # rotate.fuse chunks
+    logits = work.seqlen * v * 4 * 3                             # logits, the shifted copy, log-softmax
+    rotate = Moment(0, 2 * stored + compute + fuse64)            # original + prefetched next + output + fp64 Linear
+
+    stages: dict[str, tuple[int, list[Moment]]] = {             # stage -> (persistent host bytes, moments)
+        "load": (0, [Moment(0, TOKENIZE_BYTES_PER_TEXT_BYTE * work.text_bytes)]),
+    }
+    if dart:  # the full-precision capture pass and R1 training exist only to learn R1
+        stages["capture"] = (hidden + reservoir, [Moment(0, embed_stored), rotate, Moment(compute + act16, stored)])
+        # capture's hidden states are gone; on a CPU, autograd and LAPACK workspaces add ~60 MB (measured at n=576)
+        stages["r1"] = (reservoir, [Moment(r1_train + whip_eval, 0 if on_gpu else 64 << 20)])
+    stages |= {
+        "embed": (hidden + eval_hidden, [Moment(0, embed_fuse)]),
+        "quantize": (hidden + eval_hidden, [
+            rotate,                                                               # probe: R1 (and R4) only
+            Moment(compute + act + scratch + (r2_samples if on_gpu else 0), stored + r2_samples),  # R2 samples
+            rotate,                                                               # final: R1, R2, R4
+            *weight_quant,
+            Moment(compute + codes + act, stored),                                # the quantized block's forward
+            Moment(compute + codes, stored + codes // 2 + (compute if on_gpu else 0)),  # the writer's packed copy
+        ]),
+    }
+    head = v * h * b
+    # the final norm and R1 fused into a fresh lm_head (fp64 row chunks); the writer's serialised copy is no larger
+    stages["head"] = (hidden + eval_hidden, [Moment(0, 2 * head + 3 * 4096 * h * 8 if work.method != "none" else 2 * head)])
     if work.eval_windows:
-        gpu["eval"] = v * h * b + logits
-        host["eval"] = hidden + eval_hidden + 2 * v * h * b + 2 * 4096 * h * 8
-    stages = {}
-    for name in gpu:
-        g = gpu[name] if on_gpu else 0
+        stages["eval"] = (hidden + eval_hidden, [Moment(head + logits, head if on_gpu else 0)])  # one window's logits
+    out: dict[str, dict[str, int]] = {}
+    for name, (persistent, moments) in stages.items():
+        gpu = max(m.device for m in moments) if on_gpu else 0
         # on a CPU run the device is the host: its tensors add to the resident set
-        host_total = base_host_bytes + host[name] + (0 if on_gpu else gpu[name])
-        stages[name] = {"gpu_bytes": int(g), "host_bytes": int(host_total)}
+        host = max(m.host + (0 if on_gpu else m.device) for m in moments)
+        out[name] = {"gpu_bytes": int(gpu), "host_bytes": int(base_host_bytes + persistent + host)}
     output = 0
     if work.write:
         packed = spec.block_params() * (0.5 if work.w_bits < 16 else b) * L
         output = int(packed + 2 * v * h * b)
-    return Plan(micro_batch, device, stages, output)
+    return Plan(micro_batch, device, out, output)
 
 
 def fit_micro_batch(spec, index, work: Workload, dtype: torch.dtype, device: str, gpu_budget: int | None,
@@ -209,6 +248,46 @@ def cap_gpu_memory(device: torch.device, budget: int) -> None:
     if budget > total:
         raise UserError(f"--gpu-mem {budget / GIB:.2f} GiB exceeds the device's {total / GIB:.2f} GiB")
     torch.cuda.set_per_process_memory_fraction(budget / total, device)
+
+
+def return_freed_memory_to_os() -> None:
+    """Serve every allocation over 1 MiB with its own mmap, so freeing a tensor hands its pages back at once. glibc's
+    default threshold climbs to 32 MiB, and below it freed tensors stay in the heap: measured on SmolLM2, the peak
+    RSS then ran 20 % above the live bytes the planner counts; with this it is within 1 %."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+def release_host_memory() -> None:
+    """Hand freed heap pages back to the OS after each block. glibc keeps blocks under its mmap threshold (every
+    Linear of a small model) in per-thread arenas, and the prefetch thread allocates what the main thread frees, so
+    without this the resident set creeps up block after block (30 MB a block on SmolLM2) and no plan holds."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None   # glibc only (not musl, not macOS)
+
+
+_LIBC = _load_libc()
+_M_MMAP_THRESHOLD = -3   # glibc's mallopt parameter number
+
+
+def warm_up(device: torch.device) -> None:
+    """Load now what a run loads anyway (the CUDA context and cuBLAS handle, torch.optim's imports), so the planner's
+    host baseline includes their resident pages instead of seeing them appear mid-run, unplanned."""
+    import torch._dynamo  # noqa: F401  (torch.optim pulls it in on first use: ~70 MB of code the run will hold)
+
+    if device.type == "cuda":
+        a = torch.ones(64, 64, device=device)
+        (a @ a).sum().item()
 
 
 def current_host_bytes() -> int:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from streamquant.plan import release_host_memory
 from streamquant.shards import BlockPrefetcher, ShardIndex
 from streamquant.spec import ModelSpec, hf_config
 
@@ -29,11 +30,16 @@ def _hf_class(model_type: str, which: int):
     return getattr(importlib.import_module(module), names[which])
 
 
+def layer_class(model_type: str) -> type:
+    """transformers' decoder-layer class for the architecture (imports its modeling module)."""
+    return _hf_class(model_type, 0)
+
+
 def build_layer(config, model_type: str, index: int, weights: dict[str, torch.Tensor],
                 dtype: torch.dtype, device: torch.device) -> nn.Module:
     """transformers' decoder layer for this architecture holding exactly `weights` (no random init, no copy kept)."""
     with torch.device("meta"):
-        layer = _hf_class(model_type, 0)(config, layer_idx=index)
+        layer = layer_class(model_type)(config, layer_idx=index)
     state = {k: v.to(device=device, dtype=dtype, non_blocking=True) for k, v in weights.items()}
     layer.load_state_dict(state, strict=True, assign=True)
     return layer.eval()
@@ -172,6 +178,7 @@ def stream_hidden(source: BlockSource, engine: Engine, ids: torch.Tensor,
     for i, layer in source.layers(engine):
         engine.run_block(layer, hidden)
         del layer
+        release_host_memory()
         if on_block is not None:
             on_block(i)
     return hidden

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from synthetic import save_bpe_tokenizer  # noqa: E402  (one tokenizer recipe for test and benchmark models)
+from streamquant.synthetic import save_bpe_tokenizer  # one tokenizer recipe for test and benchmark models)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WIKITEXT = SHARED / "data" / "wikitext-2"

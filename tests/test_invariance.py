@@ -6,7 +6,6 @@ import torch
 
 from conftest import TINY
 from streamquant.data import eval_windows, load_tokenizer, tokenize
-from streamquant.kernels.hadamard import random_hadamard_matrix
 from streamquant.qblock import Runtime
 from streamquant.rotate.model import RotatedSource, Rotations
 from streamquant.shards import ShardIndex

@@ -2,13 +2,14 @@
 and --dry-run writes nothing."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from conftest import last_json, run_cli
 
-from synthetic import LLAMA2_70B, write_checkpoint  # noqa: E402  (benchmarks/ is on sys.path via conftest)
+from streamquant.synthetic import LLAMA2_70B, write_checkpoint
 
 GIB = 1 << 30
 
@@ -62,3 +63,29 @@ def test_dry_run_writes_nothing(tiny_models, tmp_path):
     assert res.returncode == 0, res.stderr
     assert last_json(res.stdout)["micro_batch"] >= 1
     assert not out.exists()
+
+
+def test_bench_runs_the_pipeline_on_70b_shaped_blocks(tmp_path):
+    """`streamquant bench` at 1/64 scale on CPU: every stage runs, the output is written, the planner's host
+    prediction is within 15 % of the measured peak RSS, and the 80-block extrapolation stays under 16 GiB."""
+    work = tmp_path / "bench"
+    res = run_cli("bench", "--scale", "64", "--blocks", "2", "--samples", "4", "--seqlen", "64", "--device", "cpu",
+                  "--r1-reservoir", "1MiB", "--workdir", str(work), "--json", timeout=900)
+    assert res.returncode == 0, res.stderr
+    out = last_json(res.stdout)
+    assert out["shape"]["hidden_size"] == 8192 // 64 and out["shape"]["intermediate_size"] == 28672 // 64
+    assert [b["block"] for b in out["per_block"]] == [0, 1]
+    for block in out["per_block"]:
+        assert all(block[stage] > 0 for stage in ("rotate", "r2", "quantize", "forward"))
+    assert set(out["memory"]) >= {"capture", "r1", "quantize"}
+    assert abs(out["host_prediction_error"]) <= 0.15, out["host_prediction_error"]
+    assert out["extrapolated_80_blocks"]["predicted_peak_host_bytes"] <= 16 * GIB
+    assert json.loads((work / "out" / "streamquant_manifest.json").read_text())["complete"] is True
+
+
+def test_bench_bad_option_is_one_line(tmp_path):
+    res = run_cli("bench", "--scale", "64", "--blocks", "2", "--weights", "awq", "--device", "cpu",
+                  "--workdir", str(tmp_path / "w"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "--weights must be rtn or gptq" in res.stderr
+    assert not (tmp_path / "w" / "model").exists()  # refused before writing the synthetic checkpoint

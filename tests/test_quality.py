@@ -40,16 +40,22 @@ def test_whip_qr_orth_on_real_smollm2_activations(smollm2):
     assert excess_kurtosis(x @ r) < excess_kurtosis(x @ init)
 
 
-def _ppl(*args: str) -> float:
+def _run(*args: str) -> dict:
     res = run_cli("run", "smollm2-135m", "--calib", CALIB, "--eval", EVAL, "--samples", "8", "--seqlen", "256",
                   "--eval-windows", "8", "--r2-epochs", "2", "--r1-reservoir", "64MiB", "--json", *args, timeout=1800)
     assert res.returncode == 0, res.stderr
-    return last_json(res.stdout)["ppl"]
+    return last_json(res.stdout)
 
 
 def test_w4a4_ordering_dart_quarot_none(smollm2):
-    ppl = {m: _ppl("--method", m, "--w-bits", "4", "--a-bits", "4", "--weights", "rtn") for m in ("none", "quarot", "dart")}
+    reports = {m: _run("--method", m, "--w-bits", "4", "--a-bits", "4", "--weights", "rtn")
+               for m in ("none", "quarot", "dart")}
+    ppl = {m: r["ppl"] for m, r in reports.items()}
     assert ppl["dart"] < ppl["quarot"] < ppl["none"], ppl
+    # the planner's host-RAM prediction against the run's own peak RSS (getrusage high-water mark, a fresh process)
+    for m, r in reports.items():
+        error = r["plan"]["peak_host_bytes"] / r["peak_host_bytes"] - 1
+        assert abs(error) <= 0.15, (m, error)
 
 
 def test_smollm2_w4a16_export_loads_in_transformers(smollm2, tmp_path):
