@@ -23,7 +23,7 @@ BLOCK_STAGES = ("rotate", "r2", "quantize", "forward", "write")
 
 
 class PeakRSS:
-    """Samples this process's resident set size on a thread (the getrusage high-water mark misses nothing, but
+    """Samples this process's resident set size on a thread (the VmHWM high-water mark misses nothing, but
     cannot be reset; the sampler measures just the enclosed work)."""
 
     def __init__(self, interval: float = 0.02):

@@ -6,6 +6,7 @@ stay free of policy.
 from __future__ import annotations
 
 import resource
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -48,8 +49,20 @@ def micro_batch_for(seqlen: int, hidden: int, intermediate: int, dtype: torch.dt
 
 
 def peak_host_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process image so far.
+
+    Linux's VmHWM belongs to the address space and starts afresh at exec; getrusage's ru_maxrss does not: a child
+    spawned by a large process (pytest, a notebook) inherits the parent's high-water mark through exec and would
+    report the parent's peak as its own."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024   # macOS reports bytes, Linux KiB
 
 
 def peak_gpu_bytes(device: torch.device) -> int:
@@ -165,7 +178,7 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
     r1_train = 10 * h * h * 4 if dart else 0                     # Z, grad, momentum, Q, R and autograd buffers
     whip_eval = 5 * min(8192, 2 * L * per_side) * h * 4 if dart else 0  # a chunk of rows, rotated, |.|, exp
     r2_samples = min(work.r2_tokens, work.samples * work.seqlen) * q * 4 if dart else 0
-    hessian = max(h * h, i * i) * 4 + tokens * max(h, i) * 4    # accumulating: H and the fp32 input it is fed
+    hessian = max(h * h, i * i) * 4   # H; the hook's fp32 input copy fits in the act envelope (act/up are freed by then)
     solve = max(3 * h * h, 2 * i * i) * 4 + 3 * widest * 4       # H, its inverse/Cholesky, fp32 weight copies
     if work.w_bits >= 16:
         weight_quant = []

@@ -89,3 +89,17 @@ def test_bench_bad_option_is_one_line(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "--weights must be rtn or gptq" in res.stderr
     assert not (tmp_path / "w" / "model").exists()  # refused before writing the synthetic checkpoint
+
+
+def test_peak_host_bytes_is_this_process_image_only():
+    """A run spawned by a large process (pytest, a notebook) must not report its parent's peak as its own: Linux's
+    getrusage ru_maxrss survives exec, so the planner's accuracy check would compare against the wrong number."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(768 << 20)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])    # touch every page: the parent's RSS really is 768 MiB more
+    code = "from streamquant.plan import peak_host_bytes; print(peak_host_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    del ballast
+    assert 0 < child < 600 << 20, child

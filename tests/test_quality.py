@@ -52,7 +52,7 @@ def test_w4a4_ordering_dart_quarot_none(smollm2):
                for m in ("none", "quarot", "dart")}
     ppl = {m: r["ppl"] for m, r in reports.items()}
     assert ppl["dart"] < ppl["quarot"] < ppl["none"], ppl
-    # the planner's host-RAM prediction against the run's own peak RSS (getrusage high-water mark, a fresh process)
+    # the planner's host-RAM prediction against the run's own peak RSS (VmHWM high-water mark of a fresh process image)
     for m, r in reports.items():
         error = r["plan"]["peak_host_bytes"] / r["peak_host_bytes"] - 1
         assert abs(error) <= 0.15, (m, error)
