@@ -22,9 +22,9 @@ from streamquant.data import (BYTES_PER_TOKEN, calibration_windows, eval_windows
                               tokenize)
 from streamquant.errors import UserError
 from streamquant.kernels.hadamard import random_hadamard_matrix
-from streamquant.plan import (Workload, cap_gpu_memory, current_host_bytes, fit_micro_batch, peak_gpu_bytes,
-                              peak_gpu_reserved_bytes, peak_host_bytes, pin_host_memory, release_host_memory,
-                              resolve_device, resolve_dtype, return_freed_memory_to_os, warm_up)
+from streamquant.plan import (Workload, cap_gpu_memory, current_host_bytes, fit_micro_batch, full_fp32_matmuls,
+                              peak_gpu_bytes, peak_gpu_reserved_bytes, peak_host_bytes, pin_host_memory,
+                              release_host_memory, resolve_device, resolve_dtype, return_freed_memory_to_os, warm_up)
 from streamquant.qblock import QLinear, Runtime, qlinears
 from streamquant.quant.gptq import GPTQ
 from streamquant.quant.quantizers import ActQuantConfig, WeightQuantConfig
@@ -242,7 +242,7 @@ class Pipeline:
             for i in range(spec.num_layers):
                 weights = prefetch.get(i)
                 prefetch.prefetch(i + 1)
-                layer = build_rotated_layer(engine, i, rotate_block(weights, spec, None, None, None), plain)
+                layer = build_rotated_layer(engine, i, rotate_block(weights, spec, None, None, None, engine.device), plain)
                 del weights
                 hooks = Hooks()
                 for side, module in enumerate((layer.self_attn.q_proj, layer.mlp.up_proj)):
@@ -344,6 +344,7 @@ class Pipeline:
         return out
 
     # ---- the run ----
+    @full_fp32_matmuls()   # Hessians, QR, the Whip loss and rotations in true fp32 even if the caller enabled TF32
     def run(self) -> dict:
         spec, engine, stats, cfg = self.spec, self.engine, self.stats, self.cfg
         start = time.perf_counter()
@@ -393,15 +394,16 @@ class Pipeline:
                 prefetch.prefetch(i + 1)
                 r2 = None
                 if cfg.method != "none":  # R2 is learned on this block's o_proj inputs with R1 (and R4) in place
-                    probe = build_rotated_layer(engine, i, rotate_block(original, spec, r1, None, self.runtime.r4_seed),
-                                                self.runtime)
+                    probe = build_rotated_layer(
+                        engine, i, rotate_block(original, spec, r1, None, self.runtime.r4_seed, engine.device),
+                        self.runtime)
                     stats.time("rotate", t0)
                     t0 = time.perf_counter()
                     r2 = self.calibrate_r2(i, probe, hidden)
                     del probe
                     stats.time("r2", t0)
                     t0 = time.perf_counter()
-                weights = rotate_block(original, spec, r1, r2, self.runtime.r4_seed)  # all rotations, one rounding
+                weights = rotate_block(original, spec, r1, r2, self.runtime.r4_seed, engine.device)  # all rotations, one rounding
                 del original
                 stats.time("rotate", t0)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,37 @@ _CLASSES = {
 def _hf_class(model_type: str, which: int):
     module, *names = _CLASSES[model_type]
     return getattr(importlib.import_module(module), names[which])
+
+
+def to_device_ahead(parts: Iterable[dict[str, torch.Tensor]],
+                    device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """Yields each dict of tensors on `device`. On CUDA the copy of the next dict is issued on a side stream before
+    the caller computes on the current one, so host->device transfers (true DMA from pinned memory) overlap compute
+    and the device holds at most two parts, not a whole block. Elsewhere the tensors pass through unchanged."""
+    if device.type != "cuda":
+        yield from parts
+        return
+    side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+
+    def issue(part: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.cuda.Event]:
+        side.wait_stream(main)   # the side stream must not reuse memory the main stream is still reading
+        with torch.cuda.stream(side):
+            moved = {k: v.to(device, non_blocking=True) for k, v in part.items()}
+            done = torch.cuda.Event()
+            done.record(side)
+        return moved, done
+
+    queue = iter(parts)
+    first = next(queue, None)
+    pending = issue(first) if first is not None else None
+    while pending is not None:
+        moved, done = pending
+        following = next(queue, None)
+        pending = issue(following) if following is not None else None
+        main.wait_event(done)
+        for t in moved.values():
+            t.record_stream(main)   # allocated on the side stream, consumed on main: keep it until main is done
+        yield moved
 
 
 def layer_class(model_type: str) -> type:

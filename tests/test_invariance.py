@@ -84,3 +84,65 @@ def test_r3_is_applied_online(tiny_models, eval_text):
     kv4_r3 = nll(Runtime(kv_bits=4, r3_seed=1))
     assert not torch.equal(plain, kv4)
     assert not torch.equal(kv4, kv4_r3)
+
+
+def _dense_rotated_block(w, spec, r1, r2, r4_seed):
+    """The fused weights as whole fp64 matrices: W diag(σ) R1 on the input side, R1ᵀ W on the output side, R2 as a
+    block-diagonal matrix (one head_dim block per head), H4 as the explicit random Hadamard."""
+    from streamquant.kernels.hadamard import OnlineHadamard
+
+    d = {k: v.double() for k, v in w.items()}
+    s_in, s_post = d["input_layernorm.weight"], d["post_attention_layernorm.weight"]
+    r2_kv = torch.block_diag(*r2)                                                   # on v's output rows
+    r2_q = torch.block_diag(*[r2[h // spec.heads_per_group] for h in range(spec.num_heads)])  # on o's input columns
+    h4 = OnlineHadamard(spec.intermediate_size, r4_seed).matrix()
+    return {
+        "self_attn.q_proj.weight": d["self_attn.q_proj.weight"] * s_in @ r1,
+        "self_attn.q_proj.bias": d["self_attn.q_proj.bias"],
+        "self_attn.v_proj.weight": r2_kv.T @ (d["self_attn.v_proj.weight"] * s_in) @ r1,
+        "self_attn.v_proj.bias": d["self_attn.v_proj.bias"] @ r2_kv,
+        "self_attn.o_proj.weight": r1.T @ d["self_attn.o_proj.weight"] @ r2_q,
+        "mlp.up_proj.weight": d["mlp.up_proj.weight"] * s_post @ r1,
+        "mlp.down_proj.weight": r1.T @ d["mlp.down_proj.weight"] @ h4,
+    }
+
+
+def _rotation_case(model_dir):
+    spec = read_spec(model_dir)
+    gen = torch.Generator().manual_seed(3)
+    r1 = random_orthogonal(spec.hidden_size, gen)
+    r2 = torch.stack([random_orthogonal(spec.head_dim, gen) for _ in range(spec.num_kv_heads)])
+    return spec, ShardIndex(model_dir, spec).load_block(1), r1, r2
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_rotate_block_matches_dense_fp64(tiny_models, dtype, tol):
+    """Both fusion precisions against whole-matrix fp64 products: fp64 (the CPU policy) to round-off, fp32 (the
+    CUDA policy) to ~1e-6 relative, far below the bf16 rounding the fused weights then receive."""
+    from streamquant.rotate.model import rotate_block
+
+    spec, w, r1, r2 = _rotation_case(tiny_models["qwen2"])      # qwen2: biases on q/k/v, GQA, head_dim 20
+    w = {k: v.double() for k, v in w.items()}                   # isolate the fusion's error from the storage dtype
+    fused = rotate_block(w, spec, r1, r2, r4_seed=5, dtype=dtype)
+    for name, ref in _dense_rotated_block(w, spec, r1, r2, 5).items():
+        err = (fused[name] - ref).abs().max() / ref.abs().max()
+        assert err <= tol, (name, float(err))
+    assert torch.equal(fused["input_layernorm.weight"], torch.ones_like(w["input_layernorm.weight"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rotate_block_on_cuda_matches_dense_fp64(tiny_models):
+    """The GPU path: Linears copied ahead on a side stream, fused in fp32 with TF32 off, left on the device."""
+    from streamquant.rotate.model import rotate_block
+
+    spec, w, r1, r2 = _rotation_case(tiny_models["qwen2"])
+    w = {k: v.pin_memory() for k, v in w.items()}
+    torch.backends.cuda.matmul.allow_tf32 = True                  # a caller's global setting must not leak in
+    try:
+        fused = rotate_block(w, spec, r1, r2, r4_seed=5, device=torch.device("cuda"))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert all(t.device.type == "cuda" and t.dtype == w[k].dtype for k, t in fused.items())
+    for name, ref in _dense_rotated_block(w, spec, r1, r2, 5).items():
+        err = (fused[name].double().cpu() - ref).abs().max() / ref.abs().max()
+        assert err <= 2e-6, (name, float(err))

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from streamquant.kernels.hadamard import OnlineHadamard
+from streamquant.plan import full_fp32_matmuls, rotation_dtype
 from streamquant.qblock import Runtime, install_runtime, qlinears
 from streamquant.quant.quantizers import WeightQuantConfig, dequantize_weight, quantize_weight
 from streamquant.rotate.fuse import fuse_embedding, fuse_head, fuse_norms, fuse_r1, fuse_r2, fuse_r4
 from streamquant.shards import BlockPrefetcher, ShardIndex
 from streamquant.spec import BLOCK_LINEARS, BLOCK_NORMS, ModelSpec
-from streamquant.stream import Engine
+from streamquant.stream import Engine, to_device_ahead
 
 
 @dataclass
@@ -24,23 +25,31 @@ class Rotations:
 
 
 def rotate_block(weights: dict[str, torch.Tensor], spec: ModelSpec, r1: torch.Tensor | None,
-                 r2: torch.Tensor | None, r4_seed: int | None) -> dict[str, torch.Tensor]:
-    """Exact (function-preserving) rewrite of one block's weights, one Linear at a time in fp64 and cast back once,
-    so the fp64 working set is one matrix (1.9 GB for a 70B down_proj), not the block (6.9 GB)."""
-    norms = {name: weights[f"{name}.weight"] for name in BLOCK_NORMS}
-    out = {f"{name}.weight": torch.ones_like(t) for name, t in norms.items()}
+                 r2: torch.Tensor | None, r4_seed: int | None, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Exact (function-preserving) rewrite of one block's weights, one Linear at a time and cast back once, so the
+    working set is one matrix (1.9 GB in fp64 for a 70B down_proj), not the block (6.9 GB).
+
+    The result lands on `device` (default: the CPU) in the stored dtypes, computed in `dtype` (default: the
+    policy's rotation_dtype for that device); on CUDA each Linear's copy overlaps the previous one's fusion."""
+    device = torch.device("cpu") if device is None else device
+    dtype = rotation_dtype(device) if dtype is None else dtype
+    norms = {name: weights[f"{name}.weight"].to(device=device, dtype=dtype) for name in BLOCK_NORMS}
+    out = {f"{name}.weight": torch.ones_like(t, dtype=weights[f"{name}.weight"].dtype) for name, t in norms.items()}
+    r1 = None if r1 is None else r1.to(device=device, dtype=dtype)
+    r2 = None if r2 is None else r2.to(device=device, dtype=dtype)
     r4 = OnlineHadamard(spec.intermediate_size, r4_seed) if r4_seed is not None else None
-    for linear in BLOCK_LINEARS:
-        part = {k: v.double() for k, v in weights.items() if k.startswith(linear + ".")}
-        dtypes = {k: weights[k].dtype for k in part}
-        w = fuse_norms(part | {f"{n}.weight": t.double() for n, t in norms.items()})
-        if r1 is not None:
-            w = fuse_r1(w, r1)
-        if r2 is not None:
-            w = fuse_r2(w, r2, spec)
-        if r4 is not None:
-            w = fuse_r4(w, r4)
-        out |= {k: w[k].to(dtypes[k]).contiguous() for k in part}
+    parts = ({k: v for k, v in weights.items() if k.startswith(linear + ".")} for linear in BLOCK_LINEARS)
+    with full_fp32_matmuls():
+        for part in to_device_ahead(parts, device):
+            w = fuse_norms({k: v.to(dtype) for k, v in part.items()} | {f"{n}.weight": t for n, t in norms.items()})
+            if r1 is not None:
+                w = fuse_r1(w, r1)
+            if r2 is not None:
+                w = fuse_r2(w, r2, spec)
+            if r4 is not None:
+                w = fuse_r4(w, r4)
+            out |= {k: w[k].to(weights[k].dtype).contiguous() for k in part}
     return out
 
 
@@ -74,7 +83,8 @@ class RotatedSource:
                 prefetcher.prefetch(i + 1)
                 r2 = None if self.rot.r2 is None else self.rot.r2[i]
                 layer = build_rotated_layer(engine, i, rotate_block(weights, self.spec, self.rot.r1, r2,
-                                                                    self.rot.runtime.r4_seed), self.rot.runtime)
+                                                                    self.rot.runtime.r4_seed, engine.device),
+                                            self.rot.runtime)
                 del weights
                 if self.weight_cfg is not None:
                     quantize_layer_rtn(layer, self.weight_cfg)
