@@ -12,6 +12,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -170,10 +171,18 @@ class ShardIndex:
         return t[FINAL_NORM], t[name]
 
 
+class BlockReader(Protocol):
+    """Anything that reads one decoder block's tensors by index: an original checkpoint or a streamquant output."""
+
+    spec: ModelSpec
+
+    def load_block(self, i: int, pin: bool = False) -> dict[str, torch.Tensor]: ...
+
+
 class BlockPrefetcher:
     """Reads block i+1 on a background thread while block i computes (pinned when CUDA will consume it)."""
 
-    def __init__(self, index: ShardIndex, pin: bool = False):
+    def __init__(self, index: BlockReader, pin: bool = False):
         self.index = index
         self.pin = pin
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sq-prefetch")

@@ -36,6 +36,7 @@ from streamquant.manifest import MANIFEST
 from streamquant.qblock import Runtime, install_runtime, qlinears
 from streamquant.quant.pack import compressed_tensors_weight_args, from_compressed_tensors, to_compressed_tensors
 from streamquant.quant.quantizers import WeightQuantConfig, dequantize_weight
+from streamquant.shards import BlockPrefetcher
 from streamquant.spec import BLOCK_LINEARS, ModelSpec, read_spec
 from streamquant.stream import Engine
 
@@ -276,11 +277,19 @@ class OutputSource:
         with safe_open(str(self.out / EMBED_FILE), framework="pt") as fh:
             return fh.get_tensor("model.embed_tokens.weight")
 
+    def load_block(self, i: int, pin: bool = False) -> dict[str, torch.Tensor]:
+        weights = read_block(self.out, i, self.manifest)
+        return {k: v.pin_memory() for k, v in weights.items()} if pin else weights
+
     def layers(self, engine: Engine) -> Iterator[tuple[int, nn.Module]]:
-        for i in range(self.spec.num_layers):
-            layer = install_runtime(engine.build_layer(i, read_block(self.out, i, self.manifest)), self.spec, self.runtime)
-            yield i, layer
-            del layer
+        with BlockPrefetcher(self, pin=engine.pin) as prefetcher:   # read and unpack block i+1 while i computes
+            for i in range(self.spec.num_layers):
+                weights = prefetcher.get(i)
+                prefetcher.prefetch(i + 1)
+                layer = install_runtime(engine.build_layer(i, weights), self.spec, self.runtime)
+                del weights
+                yield i, layer
+                del layer
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         with safe_open(str(self.out / HEAD_FILE), framework="pt") as fh:
