@@ -242,8 +242,9 @@ class Pipeline:
             for i in range(spec.num_layers):
                 weights = prefetch.get(i)
                 prefetch.prefetch(i + 1)
-                layer = build_rotated_layer(engine, i, rotate_block(weights, spec, None, None, None, engine.device), plain)
-                del weights
+                plain_weights = rotate_block(weights, spec, None, None, None, engine.device)  # norms fused only
+                layer = build_rotated_layer(engine, i, plain_weights, plain)
+                del weights, plain_weights
                 hooks = Hooks()
                 for side, module in enumerate((layer.self_attn.q_proj, layer.mlp.up_proj)):
                     start = (2 * i + side) * per_side
@@ -403,7 +404,8 @@ class Pipeline:
                     del probe
                     stats.time("r2", t0)
                     t0 = time.perf_counter()
-                weights = rotate_block(original, spec, r1, r2, self.runtime.r4_seed, engine.device)  # all rotations, one rounding
+                # all rotations, one rounding
+                weights = rotate_block(original, spec, r1, r2, self.runtime.r4_seed, engine.device)
                 del original
                 stats.time("rotate", t0)
 
