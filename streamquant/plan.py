@@ -203,7 +203,9 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
     whip_eval = 5 * min(8192, 2 * L * per_side) * h * 4 if dart else 0  # a chunk of rows, rotated, |.|, exp
     r2_samples = min(work.r2_tokens, work.samples * work.seqlen) * q * 4 if dart else 0
     hessian = max(h * h, i * i) * 4   # H; the hook's fp32 input copy fits in the act envelope (act/up are freed by then)
-    solve = max(3 * h * h, 2 * i * i) * 4 + 3 * widest * 4       # H, its inverse/Cholesky, fp32 weight copies
+    # GPTQ.quantize: at the Cholesky, H (kept for a sibling linear: + its clone) and L beside the fp32 work copy W;
+    # later one inverse factor beside W, the codes and the result (measured at in 8192 and 14336 to within 2 %)
+    solve = max(max(3 * h * h, 2 * i * i) * 4 + widest * 4, max(h * h, i * i) * 4 + 3 * widest * 4)
     if work.w_bits >= 16:
         weight_quant = []
     elif work.weights == "gptq":                                 # per group: a forward feeding H, then the solve

@@ -294,6 +294,16 @@ def test_non_positive_definite_hessian():
         g_nan.quantize(w, WeightQuantConfig())
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_one_non_finite_hessian_entry_is_refused(bad):
+    """One bad off-diagonal entry deep in H (the factor is checked only on its diagonal, which it must reach)."""
+    g = GPTQ(32)
+    g.add_batch(torch.randn(256, 32))
+    g.H[20, 7] = g.H[7, 20] = bad
+    with pytest.raises(ValueError, match="positive definite"):
+        g.quantize(torch.randn(4, 32), WeightQuantConfig())
+
+
 def test_zero_damp_is_rescued_by_retry(caplog):
     g = GPTQ(16)
     g.add_batch(torch.randn(2, 16))  # rank 2: Cholesky fails without dampening
