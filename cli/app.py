@@ -10,6 +10,7 @@ from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -21,7 +22,15 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Layer-streaming DartQuant (rotated INT4) quantization for models bigger than your GPU.")
-err = Console(stderr=True)
+# Messages carry user text (paths, dataset specs like 'name:train'): no emoji codes (':train:' is one), no markup
+# in what we did not write ourselves.
+out = Console(emoji=False, markup=False, highlight=False)
+err = Console(stderr=True, emoji=False)
+
+
+def say(label: str, message: str) -> None:
+    """One line on stderr: a red label, then the message exactly as written."""
+    err.print(f"[bold red]{label}[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -50,7 +59,7 @@ def emit(result: dict, as_json: bool, title: str) -> None:
         if isinstance(value, (dict, list)):
             value = json.dumps(value)[:120]
         table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    out.print(table)
 
 
 @app.command("eval")
@@ -181,8 +190,8 @@ def show_plan(plan, as_json: bool) -> None:
         table.add_column(col, justify="right" if col != "stage" else "left")
     for stage, s in plan.stages.items():
         table.add_row(stage, f"{s['gpu_bytes'] / gib:.2f}", f"{s['host_bytes'] / gib:.2f}")
-    Console().print(table)
-    Console().print(f"output on disk: {plan.output_bytes / gib:.2f} GiB; smallest GPU budget that works: "
+    out.print(table)
+    out.print(f"output on disk: {plan.output_bytes / gib:.2f} GiB; smallest GPU budget that works: "
                     f"{plan.min_gpu_bytes / gib:.2f} GiB")
 
 
@@ -247,7 +256,7 @@ def bench_cmd(
     if as_json:
         print(json.dumps(result))
     else:
-        Console().print(markdown(result))
+        out.print(markdown(result))
 
 
 @app.command("verify")
@@ -262,10 +271,10 @@ def verify_cmd(out: str = typer.Argument(..., help="A streamquant output directo
         problems.append(f"incomplete: {len(manifest.get('blocks', []))} of {manifest.get('num_layers', '?')} blocks "
                         f"written, not finalized (resume with `streamquant run ... --out {out} --resume`)")
     for line in problems:
-        err.print(f"[bold red]FAIL[/] {line}", highlight=False, soft_wrap=True)
+        say("FAIL", line)
     if problems:
         raise typer.Exit(1)
-    Console().print(f"OK {len(manifest['files'])} files match the manifest; output complete")
+    out.print(f"OK {len(manifest['files'])} files match the manifest; output complete")
 
 
 def main() -> None:
@@ -274,7 +283,7 @@ def main() -> None:
         rc = app(standalone_mode=False)  # click returns (not raises) the code of a typer.Exit here
         sys.exit(rc if isinstance(rc, int) else 0)
     except UserError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        say("error:", str(exc))
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -286,12 +295,11 @@ def main() -> None:
         sys.exit(130)
     except Exception as exc:  # click's usage errors (typer may vendor its own click) and anything unexpected
         if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
-            err.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
+            say("error:", exc.format_message())
             sys.exit(exc.exit_code)
         if os.environ.get("STREAMQUANT_DEBUG"):
             raise
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (set STREAMQUANT_DEBUG=1 for the traceback)",
-                  highlight=False, soft_wrap=True)
+        say("internal error:", f"{type(exc).__name__}: {exc} (set STREAMQUANT_DEBUG=1 for the traceback)")
         sys.exit(1)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def _hub_text(source: str) -> str:
     import datasets
 
     name, *config, split = source.split(":")
+    if not sys.stderr.isatty():   # no bars in logs and pipes, where a failed load must stay one error line
+        datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(name, config[0] if config else None, split=split)
     except Exception as exc:

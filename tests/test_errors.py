@@ -94,6 +94,21 @@ def _case_hub_offline(tmp_path, tiny, text):
     return ["streamquant-tests/not-a-cached-model"], "not in the local Hub cache"
 
 
+def _case_markup_in_path(tmp_path, tiny, text):   # rich must print user text as written, not as markup
+    return [str(tiny), "--data", str(tmp_path / "[bold]missing.txt")], "[bold]missing.txt does not exist"
+
+
+def _case_dataset_offline(tmp_path, tiny, text):   # ':train:' must not turn into an emoji
+    return [str(tiny), "--data", "streamquant-tests/no-such-dataset:train"], \
+        "cannot load dataset streamquant-tests/no-such-dataset:train: "
+
+
+def _case_dataset_split(tmp_path, tiny, text):
+    import datasets
+    datasets.Dataset.from_dict({"text": ["Only a train split."]}).to_parquet(str(tmp_path / "ds" / "train.parquet"))
+    return [str(tiny), "--data", f"{tmp_path / 'ds'}:validation"], 'Unknown split "validation"'
+
+
 CASES = {name.removeprefix("_case_"): fn for name, fn in globals().items() if name.startswith("_case_")}
 
 

@@ -59,6 +59,24 @@ def test_cli_eval_ppl_matches_transformers(tiny_models, eval_text, arch):
     assert out["peak_gpu_bytes"] == 0 and out["peak_host_bytes"] > 0
 
 
+def test_cli_eval_reads_a_hub_dataset(tiny_models, eval_text, tmp_path):
+    """'name:split' goes through datasets.load_dataset (here a local parquet folder: the same loader as the Hub,
+    offline); rows are joined with blank lines, as GPTQ-family evaluations join WikiText-2's."""
+    import datasets
+
+    model_dir = tiny_models["llama"]
+    rows = eval_text.read_text(encoding="utf-8").split("\n")
+    datasets.Dataset.from_dict({"id": list(range(len(rows))), "text": rows}).to_parquet(
+        str(tmp_path / "ds" / "test.parquet"))
+    joined = tmp_path / "joined.txt"
+    joined.write_text("\n\n".join(rows), encoding="utf-8")
+    res = run_cli("eval", str(model_dir), "--data", f"{tmp_path / 'ds'}:test", "--seqlen", str(SEQLEN),
+                  "--windows", str(WINDOWS), "--dtype", "float32", "--json")
+    assert res.returncode == 0, res.stderr
+    ref_ppl = math.exp(float(reference_nll(model_dir, _windows(model_dir, joined)).mean()))
+    assert abs(last_json(res.stdout)["ppl"] - ref_ppl) <= 1e-4 * ref_ppl
+
+
 def test_at_most_two_blocks_alive(tiny_models, eval_text):
     """Census of live tensors (gc, independent of our own bookkeeping) at every block boundary."""
     model_dir = tiny_models["llama"]
