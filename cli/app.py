@@ -24,7 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Layer-streaming DartQuant (rotated INT4) quantization for models bigger than your GPU.")
 # Messages carry user text (paths, dataset specs like 'name:train'): no emoji codes (':train:' is one), no markup
 # in what we did not write ourselves.
-out = Console(emoji=False, markup=False, highlight=False)
+console = Console(emoji=False, markup=False, highlight=False)
 err = Console(stderr=True, emoji=False)
 
 
@@ -59,7 +59,7 @@ def emit(result: dict, as_json: bool, title: str) -> None:
         if isinstance(value, (dict, list)):
             value = json.dumps(value)[:120]
         table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
-    out.print(table)
+    console.print(table)
 
 
 @app.command("eval")
@@ -190,8 +190,8 @@ def show_plan(plan, as_json: bool) -> None:
         table.add_column(col, justify="right" if col != "stage" else "left")
     for stage, s in plan.stages.items():
         table.add_row(stage, f"{s['gpu_bytes'] / gib:.2f}", f"{s['host_bytes'] / gib:.2f}")
-    out.print(table)
-    out.print(f"output on disk: {plan.output_bytes / gib:.2f} GiB; smallest GPU budget that works: "
+    console.print(table)
+    console.print(f"output on disk: {plan.output_bytes / gib:.2f} GiB; smallest GPU budget that works: "
                     f"{plan.min_gpu_bytes / gib:.2f} GiB")
 
 
@@ -256,7 +256,7 @@ def bench_cmd(
     if as_json:
         print(json.dumps(result))
     else:
-        out.print(markdown(result))
+        console.print(markdown(result))
 
 
 @app.command("verify")
@@ -274,7 +274,7 @@ def verify_cmd(out: str = typer.Argument(..., help="A streamquant output directo
         say("FAIL", line)
     if problems:
         raise typer.Exit(1)
-    out.print(f"OK {len(manifest['files'])} files match the manifest; output complete")
+    console.print(f"OK {len(manifest['files'])} files match the manifest; output complete")
 
 
 def main() -> None:
