@@ -1,12 +1,13 @@
 """The `streamquant` command: thin wrappers that parse options, show progress, and turn UserError into one line."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -203,6 +204,8 @@ def plan_cmd(
     eval_windows: int = typer.Option(0, help="Evaluation windows carried through the run."),
     method: str = typer.Option("dart"), weights: str = typer.Option("gptq"),
     w_bits: int = typer.Option(4), a_bits: int = typer.Option(4),
+    group_size: int = typer.Option(-1, help="Weight group size (-1 = per output channel); sizes the output."),
+    w_asym: bool = typer.Option(False, "--w-asym", help="Asymmetric weights (zero points are written too)."),
     dtype: str = typer.Option("bfloat16"), device: str = typer.Option("cuda", help="Plan for a cuda or a cpu run."),
     micro_batch: Optional[int] = typer.Option(None),
     r1_reservoir: str = typer.Option("256MiB"),
@@ -227,7 +230,8 @@ def plan_cmd(
     layer_class(spec.model_type)  # the baseline RSS includes the model code a run imports
     index = ShardIndex(model_dir, spec)
     work = Workload(samples=samples, seqlen=seqlen, eval_windows=eval_windows, method=method, weights=weights,
-                    w_bits=w_bits, a_bits=a_bits, r1_reservoir_bytes=parse_bytes(r1_reservoir))
+                    w_bits=w_bits, a_bits=a_bits, r1_reservoir_bytes=parse_bytes(r1_reservoir),
+                    group_size=group_size, w_asym=w_asym)
     plan = fit_micro_batch(spec, index, work, DTYPES[dtype], device, None if gpu_mem is None else parse_bytes(gpu_mem),
                            current_host_bytes(), micro_batch)
     show_plan(plan, as_json)
@@ -293,14 +297,24 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:   # a run keeps its finished blocks: the user frees space and resumes
+            where = f" writing {exc.filename}" if exc.filename else ""
+            say("error:", f"no space left on the device{where}; free some space and rerun with --resume")
+            sys.exit(2)
+        _unexpected(exc)
     except Exception as exc:  # click's usage errors (typer may vendor its own click) and anything unexpected
         if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
             say("error:", exc.format_message())
             sys.exit(exc.exit_code)
-        if os.environ.get("STREAMQUANT_DEBUG"):
-            raise
-        say("internal error:", f"{type(exc).__name__}: {exc} (set STREAMQUANT_DEBUG=1 for the traceback)")
-        sys.exit(1)
+        _unexpected(exc)
+
+
+def _unexpected(exc: BaseException) -> NoReturn:
+    if os.environ.get("STREAMQUANT_DEBUG"):
+        raise exc
+    say("internal error:", f"{type(exc).__name__}: {exc} (set STREAMQUANT_DEBUG=1 for the traceback)")
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ from streamquant.data import (BYTES_PER_TOKEN, calibration_windows, eval_windows
                               tokenize)
 from streamquant.errors import UserError
 from streamquant.kernels.hadamard import random_hadamard_matrix
-from streamquant.plan import (Workload, cap_gpu_memory, current_host_bytes, fit_micro_batch, full_fp32_matmuls,
-                              peak_gpu_bytes, peak_gpu_reserved_bytes, peak_host_bytes, pin_host_memory,
-                              release_host_memory, resolve_device, resolve_dtype, return_freed_memory_to_os, warm_up)
+from streamquant.plan import (Workload, cap_gpu_memory, check_room, current_host_bytes, fit_micro_batch,
+                              full_fp32_matmuls, peak_gpu_bytes, peak_gpu_reserved_bytes, peak_host_bytes,
+                              pin_host_memory, release_host_memory, resolve_device, resolve_dtype,
+                              return_freed_memory_to_os, warm_up)
 from streamquant.qblock import QLinear, Runtime, qlinears
 from streamquant.quant.gptq import GPTQ
 from streamquant.quant.quantizers import ActQuantConfig, WeightQuantConfig
@@ -35,6 +36,7 @@ from streamquant.shards import BlockPrefetcher, ShardIndex
 from streamquant.source import resolve_model
 from streamquant.spec import ModelSpec, read_spec
 from streamquant.stream import Engine, layer_class
+from streamquant.writer import copied_files_bytes
 
 METHODS = ("dart", "quarot", "none")
 # GPTQ order inside a block: each group sees inputs produced by the already-quantized groups before it.
@@ -179,6 +181,8 @@ class Pipeline:
         self.sink = sink                      # writer: receives rotations, finished blocks, head, report
         self.model_dir = resolve_model(cfg.model)
         self.spec: ModelSpec = read_spec(self.model_dir)
+        if cfg.weight_cfg is not None:
+            self._check_groups(cfg.weight_cfg)   # before any work, not at block 0 after capture and R1
         self.index = ShardIndex(self.model_dir, self.spec)
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
@@ -188,6 +192,7 @@ class Pipeline:
         warm_up(self.device)
         self.plan = fit_micro_batch(self.spec, self.index, self.workload(), self.dtype, self.device.type, cfg.gpu_mem,
                                     current_host_bytes(), cfg.micro_batch)
+        check_room(self.plan, cfg.out, copied_files_bytes(self.model_dir))
         if cfg.gpu_mem is not None:
             cap_gpu_memory(self.device, cfg.gpu_mem)
         self.engine = Engine(self.spec, self.device, self.dtype, self.plan.micro_batch, pin=pin_host_memory(self.device))
@@ -211,7 +216,7 @@ class Pipeline:
         return Workload(samples=cfg.samples, seqlen=cfg.seqlen, eval_windows=windows, method=cfg.method,
                         weights=cfg.weights, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
                         r1_reservoir_bytes=cfg.r1_reservoir_bytes, r2_tokens=cfg.r2_tokens, write=cfg.out is not None,
-                        text_bytes=max(texts))
+                        text_bytes=max(texts), group_size=cfg.group_size, w_asym=not cfg.w_symmetric)
 
     def generator(self, purpose: int, layer: int) -> torch.Generator:
         """One generator per (purpose, layer): a resumed run draws exactly what an uninterrupted one drew."""
@@ -296,7 +301,6 @@ class Pipeline:
         wcfg = self.cfg.weight_cfg
         if wcfg is None:
             return
-        self._check_groups(wcfg)
         if self.cfg.weights == "rtn":
             quantize_layer_rtn(layer, wcfg)
             return
@@ -349,10 +353,10 @@ class Pipeline:
     def run(self) -> dict:
         spec, engine, stats, cfg = self.spec, self.engine, self.stats, self.cfg
         start = time.perf_counter()
-        r1, done = self.sink.begin(self) if self.sink is not None else (None, 0)
         t0 = time.perf_counter()
-        calib, evals = self.load_data()
+        calib, evals = self.load_data()   # before the output exists: bad data leaves no directory behind
         stats.time("load", t0)
+        r1, done = self.sink.begin(self) if self.sink is not None else (None, 0)
 
         if r1 is None:  # a resumed run reuses the saved R1 (and skips the capture pass that fed it)
             t0 = time.perf_counter()

@@ -6,14 +6,18 @@ stay free of policy.
 from __future__ import annotations
 
 import contextlib
+import math
 import resource
+import shutil
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from streamquant.errors import UserError
+from streamquant.spec import BLOCK_LINEARS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -123,6 +127,8 @@ class Workload:
     r2_tokens: int = 16384
     write: bool = True
     text_bytes: int = 0               # the largest text the run tokenizes (calibration or evaluation)
+    group_size: int = -1              # weight scales per group of input columns (-1: one per output channel)
+    w_asym: bool = False              # asymmetric weights also store packed zero points
 
 
 @dataclass
@@ -250,11 +256,54 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
         # on a CPU run the device is the host: its tensors add to the resident set
         host = max(m.host + (0 if on_gpu else m.device) for m in moments)
         out[name] = {"gpu_bytes": int(gpu), "host_bytes": int(base_host_bytes + persistent + host)}
-    output = 0
-    if work.write:
-        packed = spec.block_params() * (0.5 if work.w_bits < 16 else b) * L
-        output = int(packed + 2 * v * h * b)
-    return Plan(micro_batch, device, out, output)
+    return Plan(micro_batch, device, out, output_bytes(spec, work, b) if work.write else 0)
+
+
+def output_bytes(spec, work: Workload, b: int) -> int:
+    """Tensor bytes a run writes: per block the compressed-tensors pack-quantized layout (int32 words of eight
+    4-bit codes along the input, scales [out, groups] in the model dtype, zero points packed along the output) or
+    16-bit weights, plus norms and biases, the fp64 rotations, and the embedding and head (always both: they differ
+    once R1 is fused). Headers, config and tokenizer files come on top (check_room adds a margin)."""
+    h, v, L = spec.hidden_size, spec.vocab_size, spec.num_layers
+    block = spec.block_params() * b
+    if work.w_bits < 16:
+        block = 0
+        for name, shape in spec.block_shapes().items():
+            if name.rsplit(".", 1)[0] not in BLOCK_LINEARS or not name.endswith(".weight"):
+                block += math.prod(shape) * b                         # norms and biases as they are
+                continue
+            rows, cols = shape
+            groups = 1 if work.group_size <= 0 else -(-cols // work.group_size)
+            block += rows * -(-cols // 8) * 4 + rows * groups * b + 16  # weight_packed, weight_scale, weight_shape
+            if work.w_asym:
+                block += -(-rows // 8) * groups * 4                    # weight_zero_point
+    rotations = 0 if work.method == "none" else (h * h + L * spec.num_kv_heads * spec.head_dim ** 2) * 8
+    return L * block + 2 * v * h * b + h * b + rotations
+
+
+def check_room(plan: Plan, out, model_files_bytes: int = 0) -> None:
+    """Refuse, before any work, a run this machine cannot finish: a host peak beyond RAM + swap (the OOM killer
+    would end it hours in) or an output larger than the free space under --out (files a killed run left there count
+    as free: --resume reuses them, --overwrite deletes them). The disk margin covers headers, config, tokenizer
+    files (`model_files_bytes`) and the temp file of the block being written."""
+    import psutil
+
+    ram = psutil.virtual_memory().total + psutil.swap_memory().total
+    if plan.peak_host_bytes > ram:
+        stage = max(plan.stages, key=lambda name: plan.stages[name]["host_bytes"])
+        raise UserError(f"the plan needs {plan.peak_host_bytes / GIB:.1f} GiB of host memory at its peak ({stage}); "
+                        f"this machine has {ram / GIB:.1f} GiB (RAM + swap): lower --samples, --seqlen, "
+                        f"--eval-windows or --r1-reservoir")
+    if out is None or not plan.output_bytes:
+        return
+    out = Path(out).expanduser().absolute()
+    anchor = next(p for p in (out, *out.parents) if p.exists())
+    present = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else 0
+    need = int(plan.output_bytes * 1.02) + model_files_bytes + (64 << 20) - present
+    free = shutil.disk_usage(anchor).free
+    if need > free:
+        raise UserError(f"--out {out}: the output needs {need / GIB:.1f} GiB more and {anchor} has "
+                        f"{free / GIB:.1f} GiB free")
 
 
 def fit_micro_batch(spec, index, work: Workload, dtype: torch.dtype, device: str, gpu_budget: int | None,

@@ -46,6 +46,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
+def copied_files_bytes(model_dir: Path) -> int:
+    """Bytes of the source model's files an output carries over verbatim (tokenizer), for the disk check."""
+    return sum((model_dir / name).stat().st_size for name in TOKENIZER_FILES if (model_dir / name).is_file())
+
+
 def block_file(i: int) -> str:
     return f"block-{i:05d}.safetensors"
 

@@ -103,3 +103,72 @@ def test_peak_host_bytes_is_this_process_image_only():
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     del ballast
     assert 0 < child < 600 << 20, child
+
+
+def _payload_bytes(out: Path) -> int:
+    """Tensor bytes of every safetensors file under `out`: file size minus the 8-byte length and the JSON header."""
+    import struct
+
+    total = 0
+    for f in out.rglob("*.safetensors"):
+        with open(f, "rb") as fh:
+            total += f.stat().st_size - 8 - struct.unpack("<Q", fh.read(8))[0]
+    return total
+
+
+@pytest.mark.parametrize("arch,args", [
+    ("llama", ["--method", "quarot", "--w-bits", "4", "--a-bits", "16", "--group-size", "16"]),  # pack-quantized
+    ("qwen2", ["--method", "quarot", "--w-bits", "4", "--a-bits", "4", "--w-asym"]),  # biases, zero points, R1/R2
+    ("mistral", ["--method", "none", "--w-bits", "16", "--a-bits", "4"]),              # 16-bit weights, no rotations
+])
+def test_output_bytes_match_what_is_written(tiny_models, tmp_path, arch, args):
+    """The planner's output size (used to refuse a run the disk cannot hold) against the tensors actually written."""
+    out = tmp_path / "out"
+    res = run_cli("run", str(tiny_models[arch]), "--out", str(out), *args, "--samples", "2", "--seqlen", "32",
+                  "--json")
+    assert res.returncode == 0, res.stderr
+    predicted = last_json(res.stdout)["plan"]["output_bytes"]
+    written = _payload_bytes(out)
+    assert abs(predicted / written - 1) <= 0.005, (predicted, written)
+
+
+def test_refused_before_any_work_when_host_memory_cannot_hold_the_plan(sparse_70b, tmp_path):
+    """A CPU run holding 10^6 × 2048 hidden states of width 8192 needs petabytes: refused up front, nothing written."""
+    out = tmp_path / "out"
+    res = run_cli("run", str(sparse_70b), "--out", str(out), "--device", "cpu", "--samples", "1000000",
+                  "--seqlen", "2048")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "GiB of host memory at its peak" in res.stderr
+    assert not out.exists()
+
+
+def test_disk_check_counts_free_space_and_what_a_killed_run_left(tmp_path):
+    """check_room against the real filesystem: an output larger than the free space is refused; files already in
+    --out (a killed run's, kept by --resume) count as room. The leftover is a sparse file: large, yet no disk used."""
+    import shutil
+
+    from streamquant.errors import UserError
+    from streamquant.plan import Plan, check_room
+
+    free = shutil.disk_usage(tmp_path).free
+    plan = Plan(micro_batch=1, device="cpu", stages={"load": {"gpu_bytes": 0, "host_bytes": 1 << 20}},
+                output_bytes=free + GIB)
+    out = tmp_path / "deeper" / "out"          # not there yet: the free space of its nearest existing parent counts
+    with pytest.raises(UserError, match="GiB free"):
+        check_room(plan, out)
+    check_room(Plan(1, "cpu", plan.stages, output_bytes=1 << 20), out)   # a small output fits
+    out.mkdir(parents=True)
+    with open(out / "block-00000.safetensors", "wb") as fh:
+        fh.truncate(3 * GIB)                      # what the earlier run wrote, reusable by --resume
+    check_room(plan, out)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--group-size", "7"], "--group-size 7 does not divide"),
+    (["--calib", "no-such-file.txt"], "does not exist"),
+])
+def test_bad_run_options_refused_before_the_output_exists(tiny_models, tmp_path, bad, message):
+    out = tmp_path / "out"
+    res = run_cli("run", str(tiny_models["llama"]), "--out", str(out), "--samples", "2", "--seqlen", "32", *bad)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert not out.exists()
