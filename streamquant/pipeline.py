@@ -23,8 +23,8 @@ from streamquant.data import (BYTES_PER_TOKEN, calibration_windows, eval_windows
 from streamquant.errors import UserError
 from streamquant.kernels.hadamard import random_hadamard_matrix
 from streamquant.plan import (Workload, cap_gpu_memory, check_room, current_host_bytes, fit_micro_batch,
-                              full_fp32_matmuls, peak_gpu_bytes, peak_gpu_reserved_bytes, peak_host_bytes,
-                              pin_host_memory, release_host_memory, resolve_device, resolve_dtype,
+                              free_gpu_bytes, full_fp32_matmuls, peak_gpu_bytes, peak_gpu_reserved_bytes,
+                              peak_host_bytes, pin_host_memory, release_host_memory, resolve_device, resolve_dtype,
                               return_freed_memory_to_os, warm_up)
 from streamquant.qblock import QLinear, Runtime, qlinears
 from streamquant.quant.gptq import GPTQ
@@ -192,6 +192,12 @@ class Pipeline:
         warm_up(self.device)
         self.plan = fit_micro_batch(self.spec, self.index, self.workload(), self.dtype, self.device.type, cfg.gpu_mem,
                                     current_host_bytes(), cfg.micro_batch)
+        free = free_gpu_bytes(self.device)
+        if cfg.gpu_mem is None and free is not None and self.plan.peak_gpu_bytes > free:
+            # no budget given, and the default micro-batch would not fit the GPU: fit it to what is free (and refuse
+            # now, with the minimum, when even one sample per micro-batch does not fit, instead of an OOM hours in)
+            self.plan = fit_micro_batch(self.spec, self.index, self.workload(), self.dtype, self.device.type, free,
+                                        current_host_bytes(), cfg.micro_batch, budget_name="the GPU's free memory,")
         check_room(self.plan, cfg.out, copied_files_bytes(self.model_dir))
         if cfg.gpu_mem is not None:
             cap_gpu_memory(self.device, cfg.gpu_mem)

@@ -307,7 +307,7 @@ def check_room(plan: Plan, out, model_files_bytes: int = 0) -> None:
 
 
 def fit_micro_batch(spec, index, work: Workload, dtype: torch.dtype, device: str, gpu_budget: int | None,
-                    base_host_bytes: int, requested: int | None = None) -> Plan:
+                    base_host_bytes: int, requested: int | None = None, budget_name: str = "--gpu-mem") -> Plan:
     """The largest micro-batch whose predicted GPU peak fits the budget; refuse (with the minimum) when none does."""
     def at(mb: int) -> Plan:
         return predict(spec, index, work, dtype, device, mb, base_host_bytes)
@@ -326,10 +326,17 @@ def fit_micro_batch(spec, index, work: Workload, dtype: torch.dtype, device: str
     plan.min_gpu_bytes = at(1).peak_gpu_bytes
     plan.gpu_budget = gpu_budget
     if device == "cuda" and gpu_budget is not None and plan.peak_gpu_bytes > gpu_budget:
-        raise UserError(f"nothing fits in --gpu-mem {gpu_budget / GIB:.2f} GiB: micro-batch {mb} needs "
+        raise UserError(f"nothing fits in {budget_name} {gpu_budget / GIB:.2f} GiB: micro-batch {mb} needs "
                         f"{plan.peak_gpu_bytes / GIB:.2f} GiB and the smallest plan (one sample per micro-batch) "
                         f"needs {plan.min_gpu_bytes / GIB:.2f} GiB; raise --gpu-mem or lower --seqlen")
     return plan
+
+
+def free_gpu_bytes(device: torch.device) -> int | None:
+    """What the CUDA device has free right now (None elsewhere): the budget a run without --gpu-mem must still fit."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.mem_get_info(device)[0])
 
 
 def cap_gpu_memory(device: torch.device, budget: int) -> None:
