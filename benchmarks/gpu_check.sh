@@ -24,6 +24,8 @@ OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 step() { echo; echo "== $1 ($(date -u +%H:%M:%S))"; }
+deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-570}))   # one device call may run 600 s; $OUT must be written by then
+within() { local left=$((deadline - SECONDS)); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
 
 step "machine"
 nvidia-smi 2>&1 | tee "$OUT/nvidia-smi.txt"
@@ -31,12 +33,12 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda'
 torch.cuda.get_device_name(0), 'transformers', transformers.__version__)"
 
 step "install streamquant (no dependencies)"
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . || exit 1
+python3 -m pip install -q --upgrade --no-index --no-deps --no-build-isolation --target /tmp/site . || exit 1
 export PYTHONPATH=/tmp/site
 
 # the acceptance run first (the torch Hadamard fallback serves it), then the kernel and the CUDA tests
 step "70B-shape benchmark, 128 x 2048, --gpu-mem 23GiB"
-timeout 330 python3 benchmarks/seventy_b.py --scale 1 --blocks 2 --samples 128 --seqlen 2048 --gpu-mem 23GiB \
+timeout $(within 300) python3 benchmarks/seventy_b.py --scale 1 --blocks 2 --samples 128 --seqlen 2048 --gpu-mem 23GiB \
     > "$OUT/bench.json" 2> "$OUT/bench.log"
 echo "exit $?"; tail -3 "$OUT/bench.log"
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
@@ -55,8 +57,8 @@ assert anchor in text, "fast-hadamard-transform's setup.py changed"
 text = text.replace(anchor, f'    cc_flag = ["-gencode", "arch=compute_{arch},code=sm_{arch}"]\n' + anchor, 1)
 open(path, "w").write(text)
 EOF
-    FAST_HADAMARD_TRANSFORM_FORCE_BUILD=TRUE MAX_JOBS=16 timeout 150 \
-        python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site "$src" 2>&1 | tail -5
+    FAST_HADAMARD_TRANSFORM_FORCE_BUILD=TRUE MAX_JOBS=16 timeout $(within 120) \
+        python3 -m pip install -q --upgrade --no-index --no-deps --no-build-isolation --target /tmp/site "$src" 2>&1 | tail -5
     python3 -c "import fast_hadamard_transform; print('fast_hadamard_transform', fast_hadamard_transform.__file__)"
 else
     echo "no .whl/fast_hadamard_transform sdist carried: the torch fallback is used"
@@ -64,7 +66,9 @@ fi
 
 step "CUDA tests"
 # -P: the repo root must not shadow the installed package (kernels/ and cli/ install under streamquant.)
-timeout 90 python3 -P -m pytest -q -p no:cacheprovider -rs -m "not slow" tests/test_hadamard.py tests/test_invariance.py \
+# test_stream: the streaming forward on CUDA against transformers' own (fp32, TF32 off)
+timeout $(within 150) python3 -P -m pytest -q -p no:cacheprovider -rs -m "not slow" tests/test_hadamard.py \
+    tests/test_invariance.py tests/test_stream.py \
     2>&1 | tee "$OUT/cuda_tests.log" | tail -15
 
 step "done"
