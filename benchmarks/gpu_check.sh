@@ -34,7 +34,9 @@ torch.cuda.get_device_name(0), 'transformers', transformers.__version__)"
 
 step "install streamquant (no dependencies)"
 python3 -m pip install -q --upgrade --no-index --no-deps --no-build-isolation --target /tmp/site . || exit 1
-export PYTHONPATH=/tmp/site
+# PYTHONSAFEPATH: the repo root must not shadow the installed package (kernels/ and cli/ install under
+# streamquant.), neither here nor in the `python3 -m streamquant.cli.app` processes the tests spawn
+export PYTHONPATH=/tmp/site PYTHONSAFEPATH=1
 
 # the acceptance run first (the torch Hadamard fallback serves it), then the kernel and the CUDA tests
 step "70B-shape benchmark, 128 x 2048, --gpu-mem 23GiB"
@@ -65,9 +67,8 @@ else
 fi
 
 step "CUDA tests"
-# -P: the repo root must not shadow the installed package (kernels/ and cli/ install under streamquant.)
 # test_stream: the streaming forward on CUDA against transformers' own (fp32, TF32 off)
-timeout $(within 150) python3 -P -m pytest -q -p no:cacheprovider -rs -m "not slow" tests/test_hadamard.py \
+timeout $(within 150) python3 -m pytest -q -p no:cacheprovider -rs -m "not slow" tests/test_hadamard.py \
     tests/test_invariance.py tests/test_stream.py \
     2>&1 | tee "$OUT/cuda_tests.log" | tail -15
 
