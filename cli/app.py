@@ -51,16 +51,21 @@ def stage_progress(quiet: bool = False) -> Iterator[Callable[[str, int, int], No
         yield update
 
 
-def emit(result: dict, as_json: bool, title: str) -> None:
+def emit(result: dict, as_json: bool, title: str, details: str = "--json") -> None:
+    """The scalar results as a table for people; nested ones (per stage, per block) are named, not squeezed in."""
     if as_json:
         print(json.dumps(result))
         return
     table = Table(title=title, show_header=False)
+    nested = []
     for key, value in result.items():
         if isinstance(value, (dict, list)):
-            value = json.dumps(value)[:120]
+            nested.append(key)
+            continue
         table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
     console.print(table)
+    if nested:
+        console.print(f"per stage and per block ({', '.join(nested)}): {details}", soft_wrap=True)
 
 
 @app.command("eval")
@@ -178,7 +183,7 @@ def run_cmd(
         sink = OutputWriter(Path(out), resume=resume, overwrite=overwrite)
     with stage_progress() as on_progress:
         result = Pipeline(cfg, on_progress, sink).run()
-    emit(result, as_json, "streamquant run")
+    emit(result, as_json, "streamquant run", f"{Path(out) / 'report.json'} or --json" if out else "--json")
 
 
 def show_plan(plan, as_json: bool) -> None:

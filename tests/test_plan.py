@@ -172,3 +172,14 @@ def test_bad_run_options_refused_before_the_output_exists(tiny_models, tmp_path,
     res = run_cli("run", str(tiny_models["llama"]), "--out", str(out), "--samples", "2", "--seqlen", "32", *bad)
     assert res.returncode == 2 and message in res.stderr, res.stderr
     assert not out.exists()
+
+
+def test_run_prints_a_table_for_people(tiny_models, tmp_path):
+    """Without --json: scalar results in a table, nested ones named with where to find them (not cut-off JSON)."""
+    out = tmp_path / "out"
+    res = run_cli("run", str(tiny_models["llama"]), "--out", str(out), "--samples", "2", "--seqlen", "32",
+                  "--method", "quarot")
+    assert res.returncode == 0, res.stderr
+    assert "micro_batch" in res.stdout and '{"' not in res.stdout
+    assert f"{out / 'report.json'} or --json" in res.stdout and "blocks" in res.stdout
+    assert json.loads((out / "report.json").read_text())["blocks"]
