@@ -43,15 +43,22 @@ def read_text(source: str) -> str:
 
 
 def text_bytes(source: str) -> int:
-    """Size of a text source without reading it (0 when unknown: a Hub dataset), for the memory plan."""
+    """Size of a text source for the memory plan, without holding the text: a file's size, or a dataset's text
+    column in its memory-mapped Arrow cache (loading it here also refuses a bad dataset before any work)."""
     if source == DEFAULT_TEXT:
         with resources.as_file(resources.files("streamquant").joinpath("data/default_calib.txt")) as path:
             return path.stat().st_size
     path = Path(source).expanduser()
-    return path.stat().st_size if path.is_file() else 0
+    if path.is_file():
+        return path.stat().st_size
+    if not path.exists() and ":" in source and importlib.util.find_spec("datasets") is not None:
+        ds, column = _hub_dataset(source)
+        return ds.data.column(column).nbytes
+    return 0   # read_text refuses it with the reason
 
 
-def _hub_text(source: str) -> str:
+def _hub_dataset(source: str):
+    """(dataset, text column) for 'name[:config]:split': a Hub id or a local dataset folder."""
     import datasets
 
     name, *config, split = source.split(":")
@@ -61,7 +68,11 @@ def _hub_text(source: str) -> str:
         ds = datasets.load_dataset(name, config[0] if config else None, split=split)
     except Exception as exc:
         raise UserError(f"cannot load dataset {source}: {str(exc).splitlines()[0]}") from exc
-    column = "text" if "text" in ds.column_names else ds.column_names[0]
+    return ds, "text" if "text" in ds.column_names else ds.column_names[0]
+
+
+def _hub_text(source: str) -> str:
+    ds, column = _hub_dataset(source)
     return "\n\n".join(ds[column])
 
 

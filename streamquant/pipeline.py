@@ -190,13 +190,14 @@ class Pipeline:
         self.tokenizer = load_tokenizer(self.model_dir)
         layer_class(self.spec.model_type)   # the baseline RSS includes tokenizer, model code and device runtime
         warm_up(self.device)
-        self.plan = fit_micro_batch(self.spec, self.index, self.workload(), self.dtype, self.device.type, cfg.gpu_mem,
+        work = self.workload()
+        self.plan = fit_micro_batch(self.spec, self.index, work, self.dtype, self.device.type, cfg.gpu_mem,
                                     current_host_bytes(), cfg.micro_batch)
         free = free_gpu_bytes(self.device)
         if cfg.gpu_mem is None and free is not None and self.plan.peak_gpu_bytes > free:
             # no budget given, and the default micro-batch would not fit the GPU: fit it to what is free (and refuse
             # now, with the minimum, when even one sample per micro-batch does not fit, instead of an OOM hours in)
-            self.plan = fit_micro_batch(self.spec, self.index, self.workload(), self.dtype, self.device.type, free,
+            self.plan = fit_micro_batch(self.spec, self.index, work, self.dtype, self.device.type, free,
                                         current_host_bytes(), cfg.micro_batch, budget_name="the GPU's free memory,")
         check_room(self.plan, cfg.out, copied_files_bytes(self.model_dir))
         if cfg.gpu_mem is not None:

@@ -75,6 +75,14 @@ def test_cli_eval_reads_a_hub_dataset(tiny_models, eval_text, tmp_path):
     assert res.returncode == 0, res.stderr
     ref_ppl = math.exp(float(reference_nll(model_dir, _windows(model_dir, joined)).mean()))
     assert abs(last_json(res.stdout)["ppl"] - ref_ppl) <= 1e-4 * ref_ppl
+    # the planner sizes a dataset like a file: evaluation hidden states (all windows) are in the plan
+    plan = last_json(run_cli("run", str(model_dir), "--eval", f"{tmp_path / 'ds'}:test", "--samples", "2",
+                             "--seqlen", str(SEQLEN), "--dry-run", "--json").stdout)
+    same = last_json(run_cli("run", str(model_dir), "--eval", str(joined), "--samples", "2",
+                             "--seqlen", str(SEQLEN), "--dry-run", "--json").stdout)
+    def eval_extra(p: dict) -> int:   # what evaluation adds over the load stage (the process baselines cancel)
+        return p["stages"]["eval"]["host_bytes"] - p["stages"]["load"]["host_bytes"]
+    assert abs(eval_extra(plan) / eval_extra(same) - 1) < 0.02
 
 
 def test_at_most_two_blocks_alive(tiny_models, eval_text):
