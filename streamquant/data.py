@@ -82,6 +82,26 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+CALIB_PIECE_CHARS = 4 << 20   # a fast tokenizer holds ~140 bytes per character while it encodes one call's text
+
+
+def tokenize_in_pieces(tokenizer, text: str, piece: int = CALIB_PIECE_CHARS) -> torch.Tensor:
+    """Token ids of a calibration text, encoded in pieces cut at line ends so the tokenizer's working set stays
+    bounded however large the corpus. The ids differ from one call's only where a piece starts, which sampled
+    calibration windows do not care about; a text within one piece gets exactly `tokenize`'s ids."""
+    if len(text) <= piece:
+        return tokenize(tokenizer, text)
+    parts, start = [], 0
+    while start < len(text):
+        end = len(text) if start + piece >= len(text) else text.rfind("\n", start, start + piece) + 1
+        if end <= start:                                   # one line longer than a piece
+            end = start + piece
+        ids = tokenizer(text[start:end], add_special_tokens=start == 0, verbose=False).input_ids
+        parts.append(torch.tensor(ids, dtype=torch.long))
+        start = end
+    return torch.cat(parts)
+
+
 def eval_windows(ids: torch.Tensor, seqlen: int, windows: int | None) -> torch.Tensor:
     """Non-overlapping windows of `seqlen` tokens from the start: [W, seqlen]."""
     if seqlen < 2:

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from streamquant.data import (BYTES_PER_TOKEN, calibration_windows, eval_windows, load_tokenizer, read_text, text_bytes,
-                              tokenize)
+from streamquant.data import (BYTES_PER_TOKEN, CALIB_PIECE_CHARS, calibration_windows, eval_windows, load_tokenizer,
+                              read_text, text_bytes, tokenize, tokenize_in_pieces)
 from streamquant.errors import UserError
 from streamquant.kernels.hadamard import random_hadamard_matrix
 from streamquant.plan import (Workload, cap_gpu_memory, check_room, current_host_bytes, fit_micro_batch,
@@ -216,14 +216,17 @@ class Pipeline:
 
     def workload(self) -> Workload:
         cfg = self.cfg
-        texts = [text_bytes(cfg.calib)] + ([text_bytes(cfg.eval)] if cfg.eval else [])
+        # calibration text is tokenized a piece at a time, evaluation text whole (its ids must match others')
+        calib_bytes = text_bytes(cfg.calib)
+        texts = [min(calib_bytes, CALIB_PIECE_CHARS)] + ([text_bytes(cfg.eval)] if cfg.eval else [])
         windows = 0
         if cfg.eval:  # all windows unless limited: estimated from the text size (~3.5 bytes per token) before tokenizing
             windows = cfg.eval_windows or int(texts[-1] / BYTES_PER_TOKEN // cfg.seqlen)
         return Workload(samples=cfg.samples, seqlen=cfg.seqlen, eval_windows=windows, method=cfg.method,
                         weights=cfg.weights, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
                         r1_reservoir_bytes=cfg.r1_reservoir_bytes, r2_tokens=cfg.r2_tokens, write=cfg.out is not None,
-                        text_bytes=max(texts), group_size=cfg.group_size, w_asym=not cfg.w_symmetric)
+                        text_bytes=max(texts), held_text_bytes=int(calib_bytes * (1 + 8 / BYTES_PER_TOKEN)),
+                        group_size=cfg.group_size, w_asym=not cfg.w_symmetric)
 
     def generator(self, purpose: int, layer: int) -> torch.Generator:
         """One generator per (purpose, layer): a resumed run draws exactly what an uninterrupted one drew."""
@@ -232,7 +235,8 @@ class Pipeline:
     # ---- data ----
     def load_data(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         tok = self.tokenizer
-        calib = calibration_windows(tokenize(tok, read_text(self.cfg.calib)), self.cfg.seqlen, self.cfg.samples, self.cfg.seed)
+        calib = calibration_windows(tokenize_in_pieces(tok, read_text(self.cfg.calib)), self.cfg.seqlen,
+                                    self.cfg.samples, self.cfg.seed)
         evals = None
         if self.cfg.eval:
             evals = eval_windows(tokenize(tok, read_text(self.cfg.eval)), self.cfg.seqlen, self.cfg.eval_windows)

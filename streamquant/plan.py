@@ -126,7 +126,8 @@ class Workload:
     r1_reservoir_bytes: int = 256 << 20
     r2_tokens: int = 16384
     write: bool = True
-    text_bytes: int = 0               # the largest text the run tokenizes (calibration or evaluation)
+    text_bytes: int = 0               # the largest text the run tokenizes in one call (calibration or evaluation)
+    held_text_bytes: int = 0          # what stays resident meanwhile: the whole calibration text and its token ids
     group_size: int = -1              # weight scales per group of input columns (-1: one per output channel)
     w_asym: bool = False              # asymmetric weights also store packed zero points
 
@@ -228,7 +229,7 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
         rotate = Moment(0, 2 * stored + compute + 2 * widest * 8)
 
     stages: dict[str, tuple[int, list[Moment]]] = {             # stage -> (persistent host bytes, moments)
-        "load": (0, [Moment(0, TOKENIZE_BYTES_PER_TEXT_BYTE * work.text_bytes)]),
+        "load": (0, [Moment(0, TOKENIZE_BYTES_PER_TEXT_BYTE * work.text_bytes + work.held_text_bytes)]),
     }
     if dart:  # the full-precision capture pass and R1 training exist only to learn R1
         stages["capture"] = (hidden + reservoir, [Moment(0, embed_stored), rotate, Moment(compute + act16, stored)])
