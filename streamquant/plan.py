@@ -292,9 +292,10 @@ def check_room(plan: Plan, out, model_files_bytes: int = 0) -> None:
     ram = psutil.virtual_memory().total + psutil.swap_memory().total
     if plan.peak_host_bytes > ram:
         stage = max(plan.stages, key=lambda name: plan.stages[name]["host_bytes"])
+        advice = ("use a shorter --eval text (tokenized whole) or a smaller --calib corpus" if stage == "load" else
+                  "lower --samples, --seqlen, --eval-windows or --r1-reservoir")
         raise UserError(f"the plan needs {plan.peak_host_bytes / GIB:.1f} GiB of host memory at its peak ({stage}); "
-                        f"this machine has {ram / GIB:.1f} GiB (RAM + swap): lower --samples, --seqlen, "
-                        f"--eval-windows or --r1-reservoir")
+                        f"this machine has {ram / GIB:.1f} GiB (RAM + swap): {advice}")
     if out is None or not plan.output_bytes:
         return
     out = Path(out).expanduser().absolute()
