@@ -445,7 +445,8 @@ class Pipeline:
                 io, wait = prefetch.io_seconds.get(i, 0.0), prefetch.wait_seconds.get(i, 0.0)
                 # The wait can exceed the read itself (thread hand-off on a busy machine): clamp to [0, 1].
                 hidden_share = max(0.0, 1.0 - wait / io) if io > 0 else 1.0
-                stats.block |= {"io": io, "io_wait": wait, "io_hidden": hidden_share}
+                compute = sum(stats.block.get(k, 0.0) for k in ("rotate", "r2", "quantize", "forward"))
+                stats.block |= {"compute": compute, "io": io, "io_wait": wait, "io_hidden": hidden_share}
                 stats.blocks.append(stats.block)
                 stats.block = None
                 self.progress("quantize", i + 1, spec.num_layers)

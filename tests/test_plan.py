@@ -182,4 +182,8 @@ def test_run_prints_a_table_for_people(tiny_models, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "micro_batch" in res.stdout and '{"' not in res.stdout
     assert f"{out / 'report.json'} or --json" in res.stdout and "blocks" in res.stdout
-    assert json.loads((out / "report.json").read_text())["blocks"]
+    blocks = json.loads((out / "report.json").read_text())["blocks"]
+    assert [b["block"] for b in blocks] == list(range(len(blocks))) and blocks
+    for b in blocks:   # per block: seconds by stage, compute in all, the shard read and how much of it was hidden
+        assert b["compute"] == pytest.approx(b["rotate"] + b["r2"] + b["quantize"] + b["forward"])
+        assert b["io"] > 0 and 0.0 <= b["io_hidden"] <= 1.0 and b["io_wait"] >= 0
