@@ -266,8 +266,9 @@ def output_bytes(spec, work: Workload, b: int) -> int:
     16-bit weights, plus norms and biases, the fp64 rotations, and the embedding and head (always both: they differ
     once R1 is fused). Headers, config and tokenizer files come on top (check_room adds a margin)."""
     h, v, L = spec.hidden_size, spec.vocab_size, spec.num_layers
-    block = spec.block_params() * b
-    if work.w_bits < 16:
+    if work.w_bits >= 16:
+        block = spec.block_params() * b
+    else:
         block = 0
         for name, shape in spec.block_shapes().items():
             if name.rsplit(".", 1)[0] not in BLOCK_LINEARS or not name.endswith(".weight"):

@@ -80,6 +80,7 @@ def test_cli_eval_reads_a_hub_dataset(tiny_models, eval_text, tmp_path):
                              "--seqlen", str(SEQLEN), "--dry-run", "--json").stdout)
     same = last_json(run_cli("run", str(model_dir), "--eval", str(joined), "--samples", "2",
                              "--seqlen", str(SEQLEN), "--dry-run", "--json").stdout)
+
     def eval_extra(p: dict) -> int:   # what evaluation adds over the load stage (the process baselines cancel)
         return p["stages"]["eval"]["host_bytes"] - p["stages"]["load"]["host_bytes"]
     assert abs(eval_extra(plan) / eval_extra(same) - 1) < 0.02
