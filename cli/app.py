@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import os
 import sys
@@ -155,14 +156,15 @@ def run_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU memory budget, e.g. 23GiB: fits the micro-batch, caps CUDA."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory plan and exit; nothing is read but headers, nothing written."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory plan (the same as `plan` with these options) and exit; reads config, headers and tokenizer, writes nothing."),
     fmt: str = typer.Option("auto", "--format", help="auto, pack-quantized (W4A16, loads in transformers/vLLM), streamquant."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
 ) -> None:
     """Quantize: capture → calibrate R1 → per block rotate, calibrate R2, quantize, write."""
     from dataclasses import replace as dc_replace
 
-    from streamquant.pipeline import Pipeline, RunConfig
+    from streamquant.pipeline import Pipeline
+    from streamquant.preflight import RunConfig, prepare
     from streamquant.rotate.dart import R1_CONFIG, R2_CONFIG
 
     cfg = RunConfig(model=model, out=None if out is None else Path(out), method=method, w_bits=w_bits, a_bits=a_bits,
@@ -172,17 +174,16 @@ def run_cmd(
                     r2_train=dc_replace(R2_CONFIG, epochs=r2_epochs), eval=eval, eval_windows=eval_windows, format=fmt,
                     gpu_mem=None if gpu_mem is None else parse_bytes(gpu_mem))
     if dry_run:
-        from streamquant.pipeline import Pipeline as _P
-
-        show_plan(_P(cfg).plan, as_json)
+        show_plan(prepare(cfg, plan_only=True).plan, as_json)
         return
+    prepared = prepare(cfg)
     sink = None
     if out is not None:
         from streamquant.writer import OutputWriter
 
         sink = OutputWriter(Path(out), resume=resume, overwrite=overwrite)
     with stage_progress() as on_progress:
-        result = Pipeline(cfg, on_progress, sink).run()
+        result = Pipeline(prepared, on_progress, sink).run()
     emit(result, as_json, "streamquant run", f"{Path(out) / 'report.json'} or --json" if out else "--json")
 
 
@@ -201,45 +202,19 @@ def show_plan(plan, as_json: bool) -> None:
                     f"{plan.min_gpu_bytes / gib:.2f} GiB")
 
 
-@app.command("plan")
-def plan_cmd(
-    model: str = typer.Argument(..., help="Local directory, Hub id, or 'smollm2-135m' (headers only are read)."),
-    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU budget, e.g. 23GiB."),
-    samples: int = typer.Option(128), seqlen: int = typer.Option(2048),
-    eval_windows: int = typer.Option(0, help="Evaluation windows carried through the run."),
-    method: str = typer.Option("dart"), weights: str = typer.Option("gptq"),
-    w_bits: int = typer.Option(4), a_bits: int = typer.Option(4),
-    group_size: int = typer.Option(-1, help="Weight group size (-1 = per output channel); sizes the output."),
-    w_asym: bool = typer.Option(False, "--w-asym", help="Asymmetric weights (zero points are written too)."),
-    dtype: str = typer.Option("bfloat16"), device: str = typer.Option("cuda", help="Plan for a cuda or a cpu run."),
-    micro_batch: Optional[int] = typer.Option(None),
-    r1_reservoir: str = typer.Option("256MiB"),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """Predict per-stage peak GPU and host memory and the output size; choose the micro-batch for --gpu-mem."""
-    from streamquant.plan import DTYPES, Workload, current_host_bytes, fit_micro_batch
-    from streamquant.shards import ShardIndex
-    from streamquant.source import resolve_model
-    from streamquant.spec import read_spec
+def plan_cmd(**options) -> None:
+    """Predict per-stage peak GPU and host memory and the output size; choose the micro-batch for --gpu-mem.
+    Takes run's options and prints exactly what `run ... --dry-run` prints (with --device auto, a --gpu-mem budget
+    plans a CUDA run even on a machine without a GPU)."""
+    run_cmd(**options, out=None, resume=False, overwrite=False, dry_run=True)
 
-    if device not in ("cuda", "cpu"):
-        raise UserError(f"--device must be cuda or cpu for planning (got {device!r})")
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if samples < 1 or seqlen < 2:
-        raise UserError("--samples must be at least 1 and --seqlen at least 2")
-    from streamquant.stream import layer_class
 
-    model_dir = resolve_model(model)
-    spec = read_spec(model_dir)
-    layer_class(spec.model_type)  # the baseline RSS includes the model code a run imports
-    index = ShardIndex(model_dir, spec)
-    work = Workload(samples=samples, seqlen=seqlen, eval_windows=eval_windows, method=method, weights=weights,
-                    w_bits=w_bits, a_bits=a_bits, r1_reservoir_bytes=parse_bytes(r1_reservoir),
-                    group_size=group_size, w_asym=w_asym)
-    plan = fit_micro_batch(spec, index, work, DTYPES[dtype], device, None if gpu_mem is None else parse_bytes(gpu_mem),
-                           current_host_bytes(), micro_batch)
-    show_plan(plan, as_json)
+_RUN_ONLY = ("out", "resume", "overwrite", "dry_run")
+_RUN_SIGNATURE = inspect.signature(run_cmd)
+plan_cmd.__signature__ = _RUN_SIGNATURE.replace(parameters=[
+    p for name, p in _RUN_SIGNATURE.parameters.items() if name not in _RUN_ONLY])
+plan_cmd.__annotations__ = {k: v for k, v in run_cmd.__annotations__.items() if k not in _RUN_ONLY}
+app.command("plan")(plan_cmd)
 
 
 @app.command("bench")
@@ -271,7 +246,7 @@ def bench_cmd(
 @app.command("verify")
 def verify_cmd(out: str = typer.Argument(..., help="A streamquant output directory.")) -> None:
     """Re-hash every file against the manifest; report missing, corrupt or unfinished parts (exit 1)."""
-    from streamquant.writer import check_files, read_manifest
+    from streamquant.manifest import check_files, read_manifest
 
     path = Path(out)
     manifest = read_manifest(path)

@@ -13,7 +13,7 @@ import statistics
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -63,11 +63,10 @@ class BenchConfig:
 
 def seventy_b(cfg: BenchConfig, on_progress=None) -> dict:
     """Run the pipeline on a synthetic 70B-shaped checkpoint; measurements and planner predictions as one dict."""
+    from streamquant.device import resolve_device, resolve_dtype
     from streamquant.errors import UserError
-    from streamquant.pipeline import Pipeline, RunConfig
-    from streamquant.plan import current_host_bytes, fit_micro_batch, resolve_device, resolve_dtype
-    from streamquant.shards import ShardIndex
-    from streamquant.spec import read_spec
+    from streamquant.pipeline import Pipeline
+    from streamquant.preflight import RunConfig, prepare
     from streamquant.synthetic import scaled_shape, write_checkpoint
     from streamquant.writer import OutputWriter
 
@@ -89,15 +88,11 @@ def seventy_b(cfg: BenchConfig, on_progress=None) -> dict:
         write_seconds = time.perf_counter() - t0
         shutil.rmtree(out, ignore_errors=True)
         with PeakRSS() as rss:
-            pipe = Pipeline(run_cfg, on_progress, sink=OutputWriter(out))
-            report = pipe.run()
+            report = Pipeline(prepare(run_cfg), on_progress, sink=OutputWriter(out)).run()
 
         # the same shape with 80 blocks, headers only (sparse), planned the way `run` plans
         full = write_checkpoint(work / "model80", scaled_shape(cfg.scale, 80), sparse=True)
-        spec80 = read_spec(full)
-        plan80 = fit_micro_batch(spec80, ShardIndex(full, spec80), pipe.workload(),
-                                 resolve_dtype(cfg.dtype, device), device.type, run_cfg.gpu_mem, current_host_bytes(),
-                                 None)
+        plan80 = prepare(replace(run_cfg, model=str(full)), plan_only=True).plan
     finally:
         if not cfg.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -8,8 +8,9 @@ from typing import Callable
 
 from streamquant.errors import UserError
 from streamquant.data import eval_windows, load_tokenizer, read_text, tokenize
-from streamquant.plan import (micro_batch_for, peak_gpu_bytes, peak_host_bytes, pin_host_memory, resolve_device, resolve_dtype,
-                              return_freed_memory_to_os)
+from streamquant.device import pin_host_memory, resolve_device, resolve_dtype
+from streamquant.memory import peak_gpu_bytes, peak_host_bytes, return_freed_memory_to_os
+from streamquant.plan import micro_batch_for
 from streamquant.shards import ShardIndex
 from streamquant.source import resolve_model
 from streamquant.spec import read_spec
@@ -21,9 +22,9 @@ def open_model(model: str) -> tuple[Path, BlockSource]:
     """Resolve a model name to a directory and a streaming source for it (original or streamquant output)."""
     model_dir = resolve_model(model)
     if (model_dir / MANIFEST).exists():
-        from streamquant.writer import open_output  # local: only streamquant outputs need the quantized runtime
+        from streamquant.reader import OutputSource  # local: only streamquant outputs need the quantized runtime
 
-        return model_dir, open_output(model_dir)
+        return model_dir, OutputSource(model_dir)
     spec = read_spec(model_dir)
     return model_dir, CheckpointSource(ShardIndex(model_dir, spec))
 

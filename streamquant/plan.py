@@ -1,106 +1,22 @@
-"""Device and memory policy: which device, which dtype, how many samples per micro-batch.
-
-Every decision about where tensors live and how big a micro-batch is belongs here, so the engine and the pipeline
-stay free of policy.
-"""
+"""The memory planner: predicted peak GPU and host bytes of every pipeline stage, the output size, the micro-batch
+that fits a GPU budget, and the refusals of what this machine cannot finish — from config.json and safetensors
+headers only (no tensor data)."""
 from __future__ import annotations
 
-import contextlib
 import math
-import resource
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from streamquant.errors import UserError
-from streamquant.spec import BLOCK_LINEARS
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UserError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA but no CUDA device is available")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' keeps CPU runs in float32 (bf16 matmuls are slow there) and uses bf16 on GPUs."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def rotation_dtype(device: torch.device) -> torch.dtype:
-    """Precision in which rotations are fused into weights, on the device that runs the blocks.
-
-    On a CPU, fp64 costs only 2x fp32 and keeps the invariance at 1e-12. Consumer GPUs run fp64 at 1/32-1/64 of
-    their fp32 rate (a 70B block's fusions are ~14 TFLOP, ~25 s in fp64 on an RTX 3090, well under a second in
-    fp32), so on CUDA the fusion runs in fp32 with TF32 off: relative error ~1e-6, a thousand times below the
-    bf16 rounding every fused weight receives anyway."""
-    return torch.float32 if device.type == "cuda" else torch.float64
-
-
-@contextlib.contextmanager
-def full_fp32_matmuls() -> Iterator[None]:
-    """TF32 off for the enclosed matmuls (PyTorch's default, but a user's script may have turned it on): rotations,
-    Hessians, QR and the Whip loss are the fp32 matmuls of a run, and none of them tolerates a 10-bit mantissa.
-    The block forwards, where TF32 would pay, already run in bf16 on CUDA."""
-    saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(saved)
-
-
-def pin_host_memory(device: torch.device) -> bool:
-    """Pinned host buffers only pay off (and only work) when a CUDA device consumes them."""
-    return device.type == "cuda"
 
 
 def micro_batch_for(seqlen: int, hidden: int, intermediate: int, dtype: torch.dtype, budget_bytes: int = 512 << 20) -> int:
     """Samples per micro-batch so one block's activations (MLP intermediates dominate) stay within a budget."""
     bytes_per_sample = seqlen * (4 * hidden + 3 * intermediate) * torch.finfo(dtype).bits // 8
     return max(1, budget_bytes // max(1, bytes_per_sample))
-
-
-def peak_host_bytes() -> int:
-    """Peak resident set size of this process image so far.
-
-    Linux's VmHWM belongs to the address space and starts afresh at exec; getrusage's ru_maxrss does not: a child
-    spawned by a large process (pytest, a notebook) inherits the parent's high-water mark through exec and would
-    report the parent's peak as its own."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024   # macOS reports bytes, Linux KiB
-
-
-def peak_gpu_bytes(device: torch.device) -> int:
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
-
-
-def peak_gpu_reserved_bytes(device: torch.device) -> int:
-    """What the caching allocator held (what nvidia-smi and a 24 GiB card see), not just live tensors."""
-    return int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,7 +41,6 @@ class Workload:
     a_bits: int = 4
     r1_reservoir_bytes: int = 256 << 20
     r2_tokens: int = 16384
-    write: bool = True
     text_bytes: int = 0               # the largest text the run tokenizes in one call (calibration or evaluation)
     held_text_bytes: int = 0          # what stays resident meanwhile: the whole calibration text and its token ids
     group_size: int = -1              # weight scales per group of input columns (-1: one per output channel)
@@ -219,7 +134,7 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
         weight_quant = [Moment(compute + codes + act + scratch + hessian, stored), Moment(compute + codes + solve, stored)]
     else:                                                        # RTN: fp32 work copy and the dequantized weight
         weight_quant = [Moment(compute + codes + 2 * widest * 4, stored)]
-    embed_stored = index.entries["model.embed_tokens.weight"].nbytes
+    embed_stored = index.entries[spec.arch.embed].nbytes
     embed_fuse = 2 * embed_stored + 2 * 4096 * h * 8 if work.method != "none" else embed_stored  # rotate.fuse chunks
     logits = work.seqlen * v * 4 * 3                             # logits, the shifted copy, log-softmax
     if on_gpu:  # rotate_block on CUDA: fp32, one Linear at a time, the next Linear's copy in flight, output on GPU
@@ -257,7 +172,7 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
         # on a CPU run the device is the host: its tensors add to the resident set
         host = max(m.host + (0 if on_gpu else m.device) for m in moments)
         out[name] = {"gpu_bytes": int(gpu), "host_bytes": int(base_host_bytes + persistent + host)}
-    return Plan(micro_batch, device, out, output_bytes(spec, work, b) if work.write else 0)
+    return Plan(micro_batch, device, out, output_bytes(spec, work, b))
 
 
 def output_bytes(spec, work: Workload, b: int) -> int:
@@ -271,7 +186,7 @@ def output_bytes(spec, work: Workload, b: int) -> int:
     else:
         block = 0
         for name, shape in spec.block_shapes().items():
-            if name.rsplit(".", 1)[0] not in BLOCK_LINEARS or not name.endswith(".weight"):
+            if name.rsplit(".", 1)[0] not in spec.arch.linear_names or not name.endswith(".weight"):
                 block += math.prod(shape) * b                         # norms and biases as they are
                 continue
             rows, cols = shape
@@ -333,66 +248,3 @@ def fit_micro_batch(spec, index, work: Workload, dtype: torch.dtype, device: str
                         f"{plan.peak_gpu_bytes / GIB:.2f} GiB and the smallest plan (one sample per micro-batch) "
                         f"needs {plan.min_gpu_bytes / GIB:.2f} GiB; raise --gpu-mem or lower --seqlen")
     return plan
-
-
-def free_gpu_bytes(device: torch.device) -> int | None:
-    """What the CUDA device has free right now (None elsewhere): the budget a run without --gpu-mem must still fit."""
-    if device.type != "cuda":
-        return None
-    return int(torch.cuda.mem_get_info(device)[0])
-
-
-def cap_gpu_memory(device: torch.device, budget: int) -> None:
-    """Make --gpu-mem a hard limit: the caching allocator refuses to grow past it (OOM instead of a silent overrun)."""
-    if device.type != "cuda":
-        return
-    total = torch.cuda.get_device_properties(device).total_memory
-    if budget > total:
-        raise UserError(f"--gpu-mem {budget / GIB:.2f} GiB exceeds the device's {total / GIB:.2f} GiB")
-    torch.cuda.set_per_process_memory_fraction(budget / total, device)
-
-
-def return_freed_memory_to_os() -> None:
-    """Serve every allocation over 1 MiB with its own mmap, so freeing a tensor hands its pages back at once. glibc's
-    default threshold climbs to 32 MiB, and below it freed tensors stay in the heap: measured on SmolLM2, the peak
-    RSS then ran 20 % above the live bytes the planner counts; with this it is within 1 %."""
-    if _LIBC is not None:
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-
-
-def release_host_memory() -> None:
-    """Hand freed heap pages back to the OS after each block. glibc keeps blocks under its mmap threshold (every
-    Linear of a small model) in per-thread arenas, and the prefetch thread allocates what the main thread frees, so
-    without this the resident set creeps up block after block (30 MB a block on SmolLM2) and no plan holds."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None   # glibc only (not musl, not macOS)
-
-
-_LIBC = _load_libc()
-_M_MMAP_THRESHOLD = -3   # glibc's mallopt parameter number
-
-
-def warm_up(device: torch.device) -> None:
-    """Load now what a run loads anyway (the CUDA context and cuBLAS handle, torch.optim's imports), so the planner's
-    host baseline includes their resident pages instead of seeing them appear mid-run, unplanned."""
-    import torch._dynamo  # noqa: F401  (torch.optim pulls it in on first use: ~70 MB of code the run will hold)
-
-    if device.type == "cuda":
-        a = torch.ones(64, 64, device=device)
-        (a @ a).sum().item()
-
-
-def current_host_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss

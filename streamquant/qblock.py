@@ -18,7 +18,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from streamquant.kernels.hadamard import OnlineHadamard
 from streamquant.quant.quantizers import ActQuantConfig, fake_quantize_activation, fake_quantize_kv
-from streamquant.spec import BLOCK_LINEARS, ModelSpec
+from streamquant.arch import ArchMap
+from streamquant.spec import ModelSpec
 
 ATTENTION = "streamquant"
 
@@ -80,27 +81,32 @@ def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
 AttentionInterface.register(ATTENTION, _attention)
 
 
-def _get(layer: nn.Module, dotted: str) -> nn.Module:
-    for part in dotted.split("."):
-        layer = getattr(layer, part)
-    return layer
-
-
 def install_runtime(layer: nn.Module, spec: ModelSpec, runtime: Runtime) -> nn.Module:
     """Swap every Linear of a built layer for a QLinear and attach the online attention settings."""
-    for name in BLOCK_LINEARS:
+    arch = spec.arch
+    for name in arch.linear_names:
         parent_name, attr = name.rsplit(".", 1)
-        parent = _get(layer, parent_name)
+        parent = layer.get_submodule(parent_name)
         old: nn.Linear = getattr(parent, attr)
         transform = None
-        if name == "mlp.down_proj" and runtime.r4_seed is not None:
-            transform = OnlineHadamard(spec.intermediate_size, runtime.r4_seed)
+        if name == arch.r4 and runtime.r4_seed is not None:
+            transform = OnlineHadamard(old.in_features, runtime.r4_seed)
         setattr(parent, attr, QLinear(old.weight.data, None if old.bias is None else old.bias.data, runtime.act, transform))
-    attn = layer.self_attn
+    attn = layer.get_submodule(arch.attention)
     attn.sq_r3 = OnlineHadamard(spec.head_dim, runtime.r3_seed) if runtime.r3_seed is not None else None
     attn.sq_kv_bits, attn.sq_kv_clip = runtime.kv_bits, runtime.kv_clip
     return layer
 
 
-def qlinears(layer: nn.Module) -> dict[str, QLinear]:
-    return {name: _get(layer, name) for name in BLOCK_LINEARS}
+def qlinears(layer: nn.Module, arch: ArchMap) -> dict[str, QLinear]:
+    return {name: layer.get_submodule(name) for name in arch.linear_names}
+
+
+def hf_config(spec: ModelSpec):
+    """The transformers config for building this architecture's decoder layers, with attention routed through the
+    streamquant attention function (online R3 and the KV quantizer; plain SDPA when both are off)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**{k: v for k, v in spec.raw.items() if k not in ("architectures", "quantization_config")})
+    config._attn_implementation = ATTENTION
+    return config

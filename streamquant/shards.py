@@ -12,7 +12,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import torch
 from safetensors import safe_open
@@ -22,8 +22,6 @@ from streamquant.spec import ModelSpec
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1}
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 
 
 @dataclass(frozen=True)
@@ -83,8 +81,9 @@ class ShardIndex:
         for f in files:
             self.entries.update(read_header(f))
         self.blocks: list[dict[str, TensorEntry]] = [dict() for _ in range(spec.num_layers)]
+        layer = re.compile(rf"^{re.escape(spec.arch.layer_prefix)}(\d+)\.(.+)$")
         for name, entry in self.entries.items():
-            m = _LAYER.match(name)
+            m = layer.match(name)
             if m and int(m.group(1)) < spec.num_layers:
                 self.blocks[int(m.group(1))][m.group(2)] = entry
         self._check()
@@ -108,20 +107,20 @@ class ShardIndex:
 
     def _check(self) -> None:
         """Shapes from the headers must match config.json before any compute starts."""
-        spec = self.spec
+        spec, arch = self.spec, self.spec.arch
         expected = spec.block_shapes()
         for i, block in enumerate(self.blocks):
             for rel, shape in expected.items():
                 entry = block.get(rel)
                 if entry is None:
-                    raise UserError(f"tensor model.layers.{i}.{rel} is missing from the shards in {self.model_dir}")
+                    raise UserError(f"tensor {arch.layer_prefix}{i}.{rel} is missing from the shards in {self.model_dir}")
                 if entry.shape != shape:
-                    raise UserError(f"{entry.file.name}: tensor model.layers.{i}.{rel} has shape {list(entry.shape)}, "
-                                    f"config.json implies {list(shape)}")
-        self._expect(EMBED, (spec.vocab_size, spec.hidden_size))
-        self._expect(FINAL_NORM, (spec.hidden_size,))
+                    raise UserError(f"{entry.file.name}: tensor {arch.layer_prefix}{i}.{rel} has shape "
+                                    f"{list(entry.shape)}, config.json implies {list(shape)}")
+        self._expect(arch.embed, (spec.vocab_size, spec.hidden_size))
+        self._expect(arch.final_norm, (spec.hidden_size,))
         if not spec.tie_word_embeddings:
-            self._expect(LM_HEAD, (spec.vocab_size, spec.hidden_size))
+            self._expect(arch.lm_head, (spec.vocab_size, spec.hidden_size))
 
     def _expect(self, name: str, shape: tuple[int, ...]) -> None:
         entry = self.entries.get(name)
@@ -162,13 +161,15 @@ class ShardIndex:
         return self._read(self.blocks[i], pin)
 
     def load_embedding(self) -> torch.Tensor:
-        return self._read({EMBED: self.entries[EMBED]})[EMBED]
+        embed = self.spec.arch.embed
+        return self._read({embed: self.entries[embed]})[embed]
 
     def load_head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Final norm weight and lm_head weight (the embedding table when tied)."""
-        name = EMBED if self.spec.tie_word_embeddings or LM_HEAD not in self.entries else LM_HEAD
-        t = self._read({FINAL_NORM: self.entries[FINAL_NORM], name: self.entries[name]})
-        return t[FINAL_NORM], t[name]
+        arch = self.spec.arch
+        name = arch.embed if self.spec.tie_word_embeddings or arch.lm_head not in self.entries else arch.lm_head
+        t = self._read({arch.final_norm: self.entries[arch.final_norm], name: self.entries[name]})
+        return t[arch.final_norm], t[name]
 
 
 class BlockReader(Protocol):
@@ -199,6 +200,14 @@ class BlockPrefetcher:
     def prefetch(self, i: int) -> None:
         if 0 <= i < self.index.spec.num_layers and i not in self._pending:
             self._pending[i] = self._pool.submit(self._load, i)
+
+    def blocks(self, start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Blocks start..L-1 in order, block i+1 read while the caller computes on block i. The caller drops each
+        block when done with it; this generator keeps no reference (so at most two blocks are alive)."""
+        for i in range(start, self.index.spec.num_layers):
+            block = [self.get(i)]
+            self.prefetch(i + 1)
+            yield i, block.pop()
 
     def get(self, i: int) -> dict[str, torch.Tensor]:
         self.prefetch(i)

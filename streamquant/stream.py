@@ -6,7 +6,6 @@ Only the block being computed and the one being prefetched are ever materialised
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Protocol
 
@@ -14,20 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamquant.plan import release_host_memory
+from streamquant.memory import release_host_memory
+from streamquant.qblock import hf_config
 from streamquant.shards import BlockPrefetcher, ShardIndex
-from streamquant.spec import ModelSpec, hf_config
-
-_CLASSES = {
-    "llama": ("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding"),
-    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralDecoderLayer", "MistralRotaryEmbedding"),
-    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2DecoderLayer", "Qwen2RotaryEmbedding"),
-}
-
-
-def _hf_class(model_type: str, which: int):
-    module, *names = _CLASSES[model_type]
-    return getattr(importlib.import_module(module), names[which])
+from streamquant.spec import ModelSpec
 
 
 def to_device_ahead(parts: Iterable[dict[str, torch.Tensor]],
@@ -61,16 +50,11 @@ def to_device_ahead(parts: Iterable[dict[str, torch.Tensor]],
         yield moved
 
 
-def layer_class(model_type: str) -> type:
-    """transformers' decoder-layer class for the architecture (imports its modeling module)."""
-    return _hf_class(model_type, 0)
-
-
-def build_layer(config, model_type: str, index: int, weights: dict[str, torch.Tensor],
+def build_layer(config, spec: ModelSpec, index: int, weights: dict[str, torch.Tensor],
                 dtype: torch.dtype, device: torch.device) -> nn.Module:
     """transformers' decoder layer for this architecture holding exactly `weights` (no random init, no copy kept)."""
     with torch.device("meta"):
-        layer = layer_class(model_type)(config, layer_idx=index)
+        layer = spec.arch.hf_class("layer")(config, layer_idx=index)
     state = {k: v.to(device=device, dtype=dtype, non_blocking=True) for k, v in weights.items()}
     layer.load_state_dict(state, strict=True, assign=True)
     return layer.eval()
@@ -90,11 +74,11 @@ class Engine:
     def __post_init__(self) -> None:
         if self.config is None:
             self.config = hf_config(self.spec)
-        self._rotary = _hf_class(self.spec.model_type, 1)(config=self.config).to(self.device)
+        self._rotary = self.spec.arch.hf_class("rotary")(config=self.config).to(self.device)
         self._pos_cache: dict[int, tuple] = {}
 
     def build_layer(self, index: int, weights: dict[str, torch.Tensor]) -> nn.Module:
-        return build_layer(self.config, self.spec.model_type, index, weights, self.dtype, self.device)
+        return build_layer(self.config, self.spec, index, weights, self.dtype, self.device)
 
     def position_embeddings(self, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
         if seqlen not in self._pos_cache:
@@ -188,9 +172,7 @@ class CheckpointSource:
 
     def layers(self, engine: Engine) -> Iterator[tuple[int, nn.Module]]:
         with BlockPrefetcher(self.index, pin=engine.pin) as prefetcher:
-            for i in range(self.spec.num_layers):
-                weights = prefetcher.get(i)
-                prefetcher.prefetch(i + 1)
+            for i, weights in prefetcher.blocks():
                 layer = engine.build_layer(i, weights)
                 del weights
                 yield i, layer

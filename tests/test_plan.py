@@ -99,7 +99,7 @@ def test_peak_host_bytes_is_this_process_image_only():
 
     ballast = bytearray(768 << 20)
     ballast[::4096] = b"\x01" * len(ballast[::4096])    # touch every page: the parent's RSS really is 768 MiB more
-    code = "from streamquant.plan import peak_host_bytes; print(peak_host_bytes())"
+    code = "from streamquant.memory import peak_host_bytes; print(peak_host_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     del ballast
     assert 0 < child < 600 << 20, child

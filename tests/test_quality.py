@@ -9,7 +9,8 @@ import torch
 
 from conftest import WIKITEXT, last_json, run_cli
 from streamquant.kernels.hadamard import random_hadamard_matrix
-from streamquant.pipeline import Pipeline, RunConfig
+from streamquant.pipeline import Pipeline
+from streamquant.preflight import RunConfig, prepare
 from streamquant.rotate.dart import R1_CONFIG, train_r1, whip_loss
 
 pytestmark = pytest.mark.slow
@@ -26,8 +27,8 @@ def excess_kurtosis(x: torch.Tensor) -> float:
 
 
 def test_whip_qr_orth_on_real_smollm2_activations(smollm2):
-    pipe = Pipeline(RunConfig(model=str(smollm2), calib=CALIB, samples=4, seqlen=256, r1_reservoir_bytes=24 << 20,
-                              dtype="float32", device="cpu"))
+    pipe = Pipeline(prepare(RunConfig(model=str(smollm2), calib=CALIB, samples=4, seqlen=256,
+                                      r1_reservoir_bytes=24 << 20, dtype="float32", device="cpu")))
     calib, _ = pipe.load_data()
     reservoir = pipe.capture(calib)
     assert reservoir.shape[1] == 576 and reservoir.abs().sum(-1).min() > 0  # every reservoir row was filled

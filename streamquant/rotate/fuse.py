@@ -15,38 +15,37 @@ from typing import Callable
 
 import torch
 
+from streamquant.arch import ArchMap
 from streamquant.spec import ModelSpec
 
 Weights = dict[str, torch.Tensor]
-ATTN_INPUTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-MLP_INPUTS = ("mlp.gate_proj", "mlp.up_proj")
-OUTPUTS = ("self_attn.o_proj", "mlp.down_proj")
 
 
 def _dtype(w: Weights) -> torch.dtype:
     return next(iter(w.values())).dtype
 
 
-def fuse_norms(weights: Weights) -> Weights:
-    """σ of input_layernorm into q/k/v, σ of post_attention_layernorm into gate/up; both norms become ones."""
+def fuse_norms(weights: Weights, arch: ArchMap) -> Weights:
+    """σ of each block norm into the linears that read it (Llama: q/k/v, gate/up); the norms become ones."""
     w = dict(weights)
-    for norm, linears in (("input_layernorm", ATTN_INPUTS), ("post_attention_layernorm", MLP_INPUTS)):
-        sigma = w[f"{norm}.weight"]
-        for name in linears:
+    for nm in arch.norms:
+        sigma = w[f"{nm.norm}.weight"]
+        for name in nm.readers:
             if f"{name}.weight" in w:
                 w[f"{name}.weight"] = w[f"{name}.weight"] * sigma[None, :]
-        w[f"{norm}.weight"] = torch.ones_like(sigma)
+        w[f"{nm.norm}.weight"] = torch.ones_like(sigma)
     return w
 
 
-def fuse_r1(weights: Weights, r1: torch.Tensor) -> Weights:
-    """The residual stream is x R1: rotate the input side of q/k/v/gate/up and the output side of o/down."""
+def fuse_r1(weights: Weights, r1: torch.Tensor, arch: ArchMap) -> Weights:
+    """The residual stream is x R1: rotate the input side of its readers (q/k/v/gate/up) and the output side of its
+    writers (o/down)."""
     w = dict(weights)
     r1 = r1.to(_dtype(w))
-    for name in ATTN_INPUTS + MLP_INPUTS:
+    for name in arch.residual_readers:
         if f"{name}.weight" in w:
             w[f"{name}.weight"] = w[f"{name}.weight"] @ r1
-    for name in OUTPUTS:
+    for name in arch.residual_writers:
         if f"{name}.weight" in w:
             w[f"{name}.weight"] = r1.T @ w[f"{name}.weight"]
         if f"{name}.bias" in w:
@@ -60,25 +59,26 @@ def fuse_r2(weights: Weights, r2: torch.Tensor, spec: ModelSpec) -> Weights:
     w = dict(weights)
     r2 = r2.to(_dtype(w))
     hd, kv, group = spec.head_dim, spec.num_kv_heads, spec.heads_per_group
-    if "self_attn.v_proj.weight" in w:
-        v = w["self_attn.v_proj.weight"].view(kv, hd, -1)                    # rows of head g: v_g = x V_gᵀ
-        w["self_attn.v_proj.weight"] = torch.einsum("gji,gjc->gic", r2, v).reshape(kv * hd, -1)  # V_g <- R2ᵀ V_g
-    if "self_attn.v_proj.bias" in w:
-        b = w["self_attn.v_proj.bias"].view(kv, hd)
-        w["self_attn.v_proj.bias"] = torch.einsum("gj,gji->gi", b, r2).reshape(-1)
-    if "self_attn.o_proj.weight" in w:
-        o = w["self_attn.o_proj.weight"]
+    value, output = spec.arch.r2_value, spec.arch.r2_output
+    if f"{value}.weight" in w:
+        v = w[f"{value}.weight"].view(kv, hd, -1)                            # rows of head g: v_g = x V_gᵀ
+        w[f"{value}.weight"] = torch.einsum("gji,gjc->gic", r2, v).reshape(kv * hd, -1)  # V_g <- R2ᵀ V_g
+    if f"{value}.bias" in w:
+        b = w[f"{value}.bias"].view(kv, hd)
+        w[f"{value}.bias"] = torch.einsum("gj,gji->gi", b, r2).reshape(-1)
+    if f"{output}.weight" in w:
+        o = w[f"{output}.weight"]
         out = o.shape[0]
         o = o.view(out, kv, group, hd)                                       # input column blocks per query head
-        w["self_attn.o_proj.weight"] = torch.einsum("okhj,kji->okhi", o, r2).reshape(out, -1)  # O_h <- O_h R2[g(h)]
+        w[f"{output}.weight"] = torch.einsum("okhj,kji->okhi", o, r2).reshape(out, -1)  # O_h <- O_h R2[g(h)]
     return w
 
 
-def fuse_r4(weights: Weights, hadamard: Callable[[torch.Tensor], torch.Tensor]) -> Weights:
+def fuse_r4(weights: Weights, hadamard: Callable[[torch.Tensor], torch.Tensor], arch: ArchMap) -> Weights:
     """down_proj receives x H4 online at run time, so its weight takes W H4 (applied to rows by the same transform)."""
     w = dict(weights)
-    if "mlp.down_proj.weight" in w:
-        w["mlp.down_proj.weight"] = hadamard(w["mlp.down_proj.weight"])
+    if f"{arch.r4}.weight" in w:
+        w[f"{arch.r4}.weight"] = hadamard(w[f"{arch.r4}.weight"])
     return w
 
 

@@ -7,14 +7,17 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from streamquant.arch import ArchMap
 from streamquant.kernels.hadamard import OnlineHadamard
-from streamquant.plan import full_fp32_matmuls, rotation_dtype
+from streamquant.device import full_fp32_matmuls, rotation_dtype
 from streamquant.qblock import Runtime, install_runtime, qlinears
 from streamquant.quant.quantizers import WeightQuantConfig, dequantize_weight, quantize_weight
 from streamquant.rotate.fuse import fuse_embedding, fuse_head, fuse_norms, fuse_r1, fuse_r2, fuse_r4
 from streamquant.shards import BlockPrefetcher, ShardIndex
-from streamquant.spec import BLOCK_LINEARS, BLOCK_NORMS, ModelSpec
+from streamquant.spec import ModelSpec
 from streamquant.stream import Engine, to_device_ahead
+
+Codes = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]   # linear -> (int codes, scale, zero)
 
 
 @dataclass
@@ -32,23 +35,26 @@ def rotate_block(weights: dict[str, torch.Tensor], spec: ModelSpec, r1: torch.Te
 
     The result lands on `device` (default: the CPU) in the stored dtypes, computed in `dtype` (default: the
     policy's rotation_dtype for that device); on CUDA each Linear's copy overlaps the previous one's fusion."""
+    arch = spec.arch
     device = torch.device("cpu") if device is None else device
     dtype = rotation_dtype(device) if dtype is None else dtype
-    norms = {name: weights[f"{name}.weight"].to(device=device, dtype=dtype) for name in BLOCK_NORMS}
+    norms = {name: weights[f"{name}.weight"].to(device=device, dtype=dtype) for name in arch.norm_names}
     out = {f"{name}.weight": torch.ones_like(t, dtype=weights[f"{name}.weight"].dtype) for name, t in norms.items()}
+    out |= {name: weights[name] for name, _ in arch.passthrough}
     r1 = None if r1 is None else r1.to(device=device, dtype=dtype)
     r2 = None if r2 is None else r2.to(device=device, dtype=dtype)
-    r4 = OnlineHadamard(spec.intermediate_size, r4_seed) if r4_seed is not None else None
-    parts = ({k: v for k, v in weights.items() if k.startswith(linear + ".")} for linear in BLOCK_LINEARS)
+    r4 = OnlineHadamard(spec.dims()[arch.linear(arch.r4).inp], r4_seed) if r4_seed is not None else None
+    parts = ({k: v for k, v in weights.items() if k.startswith(linear + ".")} for linear in arch.linear_names)
     with full_fp32_matmuls():
         for part in to_device_ahead(parts, device):
-            w = fuse_norms({k: v.to(dtype) for k, v in part.items()} | {f"{n}.weight": t for n, t in norms.items()})
+            w = fuse_norms({k: v.to(dtype) for k, v in part.items()} | {f"{n}.weight": t for n, t in norms.items()},
+                           arch)
             if r1 is not None:
-                w = fuse_r1(w, r1)
+                w = fuse_r1(w, r1, arch)
             if r2 is not None:
                 w = fuse_r2(w, r2, spec)
             if r4 is not None:
-                w = fuse_r4(w, r4)
+                w = fuse_r4(w, r4, arch)
             out |= {k: w[k].to(weights[k].dtype).contiguous() for k in part}
     return out
 
@@ -58,12 +64,15 @@ def build_rotated_layer(engine: Engine, index: int, weights: dict[str, torch.Ten
     return install_runtime(engine.build_layer(index, weights), engine.spec, runtime)
 
 
-def quantize_layer_rtn(layer: nn.Module, cfg: WeightQuantConfig) -> None:
-    """Round-to-nearest on every Linear of a built rotated layer; keeps the integer codes for the writer."""
-    for ql in qlinears(layer).values():
+def quantize_layer_rtn(layer: nn.Module, arch: ArchMap, cfg: WeightQuantConfig) -> Codes:
+    """Round-to-nearest on every Linear of a built rotated layer (the layer then computes with the dequantized
+    weights); returns the integer codes, scales and zeros for the writer."""
+    codes: Codes = {}
+    for name, ql in qlinears(layer, arch).items():
         q, scale, zero = quantize_weight(ql.weight.data, cfg)
-        ql.codes = (q, scale, zero)
+        codes[name] = (q, scale, zero)
         ql.weight.data = dequantize_weight(q, scale, zero, cfg.group_size).to(ql.weight.dtype)
+    return codes
 
 
 class RotatedSource:
@@ -78,16 +87,14 @@ class RotatedSource:
 
     def layers(self, engine: Engine) -> Iterator[tuple[int, nn.Module]]:
         with BlockPrefetcher(self.index, pin=engine.pin) as prefetcher:
-            for i in range(self.spec.num_layers):
-                weights = prefetcher.get(i)
-                prefetcher.prefetch(i + 1)
+            for i, weights in prefetcher.blocks():
                 r2 = None if self.rot.r2 is None else self.rot.r2[i]
                 layer = build_rotated_layer(engine, i, rotate_block(weights, self.spec, self.rot.r1, r2,
                                                                     self.rot.runtime.r4_seed, engine.device),
                                             self.rot.runtime)
                 del weights
                 if self.weight_cfg is not None:
-                    quantize_layer_rtn(layer, self.weight_cfg)
+                    quantize_layer_rtn(layer, self.spec.arch, self.weight_cfg)
                 yield i, layer
                 del layer
 

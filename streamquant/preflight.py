@@ -1,0 +1,189 @@
+"""Everything decided before any work: the run's options, the model, its spec and shard index, device and dtype,
+the memory plan, the output format and online runtime, and the refusals of what cannot finish.
+
+One `prepare(cfg)` serves `run`, `run --dry-run`, `plan` and `bench`, so they cannot disagree: `plan MODEL OPTS`
+prints exactly the plan `run MODEL OPTS --dry-run` prints and `run MODEL OPTS` then follows. Only headers, config.json
+and the tokenizer are read; nothing is written.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from streamquant import __version__
+from streamquant.data import BYTES_PER_TOKEN, CALIB_PIECE_CHARS, load_tokenizer, text_bytes
+from streamquant.device import (cap_gpu_memory, free_gpu_bytes, resolve_device, resolve_dtype, warm_up)
+from streamquant.errors import UserError
+from streamquant.formats import FORMATS, OutputFormat, resolve_format
+from streamquant.memory import current_host_bytes, return_freed_memory_to_os
+from streamquant.plan import Plan, Workload, check_room, fit_micro_batch
+from streamquant.qblock import Runtime
+from streamquant.quant.quantizers import ActQuantConfig, WeightQuantConfig
+from streamquant.rotate.dart import R1_CONFIG, R2_CONFIG, RotationTrainConfig
+from streamquant.shards import ShardIndex
+from streamquant.source import resolve_model
+from streamquant.spec import ModelSpec, read_spec
+from streamquant.writer import copied_files_bytes
+
+METHODS = ("dart", "quarot", "none")
+
+
+@dataclass
+class RunConfig:
+    model: str
+    out: Path | None = None
+    method: str = "dart"
+    w_bits: int = 4
+    a_bits: int = 4
+    kv_bits: int = 16
+    weights: str = "rtn"              # rtn | gptq
+    group_size: int = -1
+    w_symmetric: bool = True
+    act_order: bool = False
+    a_clip: float = 0.9
+    calib: str = "default"
+    samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    micro_batch: int | None = None
+    r1_reservoir_bytes: int = 256 << 20
+    r2_tokens: int = 16384
+    r1_train: RotationTrainConfig = field(default_factory=lambda: replace(R1_CONFIG))
+    r2_train: RotationTrainConfig = field(default_factory=lambda: replace(R2_CONFIG))
+    eval: str | None = None
+    eval_windows: int | None = None
+    format: str = "auto"              # auto | pack-quantized | streamquant
+    gpu_mem: int | None = None        # bytes; the planner fits the micro-batch to it and CUDA is capped to it
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"--method must be one of {', '.join(METHODS)} (got {self.method!r})")
+        if self.weights not in ("rtn", "gptq"):
+            raise UserError(f"--weights must be rtn or gptq (got {self.weights!r})")
+        for name, bits in (("--w-bits", self.w_bits), ("--a-bits", self.a_bits), ("--kv-bits", self.kv_bits)):
+            if not (2 <= bits <= 8 or bits == 16):
+                raise UserError(f"{name} must be between 2 and 8, or 16 for off (got {bits})")
+        if self.group_size != -1 and self.group_size < 1:
+            raise UserError(f"--group-size must be -1 (per channel) or a positive divisor of the linears' inputs "
+                            f"(got {self.group_size})")
+        if not 0 < self.a_clip <= 1:
+            raise UserError(f"--a-clip must be in (0, 1] (got {self.a_clip})")
+        if self.format not in FORMATS:
+            raise UserError(f"--format must be auto, pack-quantized or streamquant (got {self.format!r})")
+        if self.format == "pack-quantized" and (self.a_bits < 16 or self.kv_bits < 16):
+            raise UserError("--format pack-quantized holds weight-only (W4A16) models; activation or KV quantization "
+                            "needs online transforms: use --format streamquant (or auto)")
+        if self.out is not None and self.w_bits not in (4, 16):
+            raise UserError(f"the checkpoint writer packs 4-bit weights (or keeps 16-bit); --w-bits {self.w_bits} "
+                            f"can be evaluated without --out")
+
+    @property
+    def weight_cfg(self) -> WeightQuantConfig | None:
+        return None if self.w_bits >= 16 else WeightQuantConfig(self.w_bits, self.group_size, self.w_symmetric)
+
+    def workload(self) -> Workload:
+        """What the run will do, as far as memory is concerned."""
+        # calibration text is tokenized a piece at a time, evaluation text whole (its ids must match others')
+        calib_bytes = text_bytes(self.calib)
+        texts = [min(calib_bytes, CALIB_PIECE_CHARS)] + ([text_bytes(self.eval)] if self.eval else [])
+        windows = 0
+        if self.eval:  # all windows unless limited: estimated from the text size (~3.5 bytes per token) before tokenizing
+            windows = self.eval_windows or int(texts[-1] / BYTES_PER_TOKEN // self.seqlen)
+        return Workload(samples=self.samples, seqlen=self.seqlen, eval_windows=windows, method=self.method,
+                        weights=self.weights, w_bits=self.w_bits, a_bits=self.a_bits,
+                        r1_reservoir_bytes=self.r1_reservoir_bytes, r2_tokens=self.r2_tokens, text_bytes=max(texts),
+                        held_text_bytes=int(calib_bytes * (1 + 8 / BYTES_PER_TOKEN)),
+                        group_size=self.group_size, w_asym=not self.w_symmetric)
+
+
+@dataclass
+class Prepared:
+    """A run ready to start: what it runs on, how, and in how much memory."""
+
+    cfg: RunConfig
+    model_dir: Path
+    spec: ModelSpec
+    index: ShardIndex
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: object
+    plan: Plan
+    format: OutputFormat
+    runtime: Runtime
+
+    def identity(self) -> dict:
+        """What an output records of its run: a resume must match it (device and micro-batch may change)."""
+        run = {k: v for k, v in asdict(self.cfg).items() if k not in ("out", "device", "micro_batch")}
+        run["model"] = str(self.model_dir)
+        return {"streamquant_version": __version__, "torch_version": torch.__version__,
+                "run": json.loads(json.dumps(run, default=str)), "format": self.format.name,
+                "runtime": self.runtime.to_json(), "num_layers": self.spec.num_layers}
+
+
+def prepare(cfg: RunConfig, plan_only: bool = False) -> Prepared:
+    """Resolve, plan and refuse before any work. `plan_only` (plan, --dry-run) plans without running: `--device
+    cuda` is planned on a machine without a GPU, `--device auto` means CUDA when `--gpu-mem` is given, and a host or
+    disk shortfall of this machine is not refused (the plan says what the run needs; `run` refuses it)."""
+    cfg.check()
+    model_dir = resolve_model(cfg.model)
+    spec = read_spec(model_dir)
+    if cfg.weight_cfg is not None:
+        check_group_size(spec, cfg.weight_cfg)   # before any work, not at block 0 after capture and R1
+    index = ShardIndex(model_dir, spec)
+    device = _planned_device(cfg) if plan_only else resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    return_freed_memory_to_os()
+    tokenizer = load_tokenizer(model_dir)
+    spec.arch.hf_class("layer")   # the baseline RSS includes tokenizer, model code and device runtime
+    if device.type != "cuda" or torch.cuda.is_available():
+        warm_up(device)
+    work = cfg.workload()
+    plan = fit_micro_batch(spec, index, work, dtype, device.type, cfg.gpu_mem, current_host_bytes(), cfg.micro_batch)
+    free = free_gpu_bytes(device) if torch.cuda.is_available() else None
+    if cfg.gpu_mem is None and free is not None and plan.peak_gpu_bytes > free:
+        # no budget given, and the default micro-batch would not fit the GPU: fit it to what is free (and refuse
+        # now, with the minimum, when even one sample per micro-batch does not fit, instead of an OOM hours in)
+        plan = fit_micro_batch(spec, index, work, dtype, device.type, free, current_host_bytes(), cfg.micro_batch,
+                               budget_name="the GPU's free memory,")
+    if not plan_only:
+        check_room(plan, cfg.out, copied_files_bytes(model_dir))
+        if cfg.gpu_mem is not None:
+            cap_gpu_memory(device, cfg.gpu_mem)
+    rotated = cfg.method != "none"
+    fmt_name = resolve_format(cfg.format, cfg.w_bits, cfg.a_bits, cfg.kv_bits)
+    online = fmt_name == "streamquant"   # pack-quantized runtimes apply no online transform: R1/R2 only
+    runtime = Runtime(
+        r3_seed=cfg.seed + 3 if rotated and online and cfg.kv_bits < 16 else None,  # R3 matters for KV quant only
+        r4_seed=cfg.seed + 4 if rotated and online else None,
+        act=ActQuantConfig(bits=cfg.a_bits, clip_ratio=cfg.a_clip),
+        kv_bits=cfg.kv_bits,
+    )
+    fmt = OutputFormat(fmt_name, spec, cfg.weight_cfg, runtime, dtype)
+    return Prepared(cfg, model_dir, spec, index, device, dtype, tokenizer, plan, fmt, runtime)
+
+
+def _planned_device(cfg: RunConfig) -> torch.device:
+    """The device a plan is for, which need not be this machine's."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if cfg.gpu_mem is not None or torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(cfg.device)
+    except RuntimeError as exc:
+        raise UserError(f"unknown device {cfg.device!r} (use auto, cpu, cuda or cuda:N)") from exc
+
+
+def check_group_size(spec: ModelSpec, wcfg: WeightQuantConfig) -> None:
+    """Every quantized linear's input dimension must split into whole groups."""
+    if wcfg.group_size == -1:
+        return
+    dims = spec.dims()
+    inputs = {lin.inp for lin in spec.arch.linears}
+    bad = [f"{name}={dims[name]}" for name in sorted(inputs) if dims[name] % wcfg.group_size]
+    if bad:
+        raise UserError(f"--group-size {wcfg.group_size} does not divide the input dimension of every linear "
+                        f"({', '.join(bad)}); choose a divisor or -1 (per channel)")

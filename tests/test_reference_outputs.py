@@ -1,0 +1,80 @@
+"""Refactors change no output: a run of the current code writes the same bytes as the reference commit's code.
+
+REFERENCE_COMMIT is the last commit that changed outputs on purpose (new numerics, new tensors); a commit that
+changes them again on purpose moves it forward and says why. The reference code is taken from git itself and run
+in a separate process on the same machine, so the comparison is exact and needs no stored hashes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import io
+from pathlib import Path
+
+import pytest
+
+from conftest import WIKITEXT
+
+REFERENCE_COMMIT = "92d6f57"   # before the layout refactor (issue 10)
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--samples", "4", "--seqlen", "48", "--r1-epochs", "2", "--r2-epochs", "1", "--r1-reservoir", "1MiB", "--seed", "3"]
+SCHEMES = {
+    "dart-w4a4-gptq": ["--method", "dart", "--w-bits", "4", "--a-bits", "4", "--weights", "gptq"],
+    "dart-w4a16-gptq-g32": ["--method", "dart", "--w-bits", "4", "--a-bits", "16", "--weights", "gptq",
+                            "--group-size", "32"],
+}
+
+
+@pytest.fixture(scope="module")
+def reference_code(tmp_path_factory) -> Path:
+    """The reference commit's package, laid out the way pyproject.toml installs it (kernels/ and cli/ inside)."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", REFERENCE_COMMIT,
+                              "streamquant", "kernels", "cli"], capture_output=True)
+    assert archive.returncode == 0, f"git archive {REFERENCE_COMMIT} failed: {archive.stderr.decode()}"
+    src = tmp_path_factory.mktemp("reference-src")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(src, filter="data")
+    pkg = tmp_path_factory.mktemp("reference-pkg")
+    shutil.copytree(src / "streamquant", pkg / "streamquant")
+    shutil.copytree(src / "kernels", pkg / "streamquant" / "kernels")
+    shutil.copytree(src / "cli", pkg / "streamquant" / "cli")
+    return pkg
+
+
+def run(code_root: Path | None, cwd: Path, args: list[str]) -> None:
+    """`streamquant run ...` from `code_root` (None: the installed, current code) in a fresh process."""
+    env = dict(os.environ, STREAMQUANT_PROGRESS="0", HF_HUB_OFFLINE="1")
+    if code_root is not None:
+        env["PYTHONPATH"] = str(code_root)     # ahead of the editable install of the current tree
+    done = subprocess.run([sys.executable, "-m", "streamquant.cli.app", "run", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+
+
+def output_bytes(out: Path) -> dict[str, bytes]:
+    """Every file but the report (wall-clock seconds) and the manifest, whose run options may gain fields; the
+    manifest's per-file hashes and block list are compared instead."""
+    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+             if p.is_file() and p.name not in ("report.json", "streamquant_manifest.json")}
+    manifest = json.loads((out / "streamquant_manifest.json").read_text())
+    files["manifest:files"] = json.dumps(manifest["files"], sort_keys=True).encode()
+    files["manifest:blocks"] = json.dumps(manifest["blocks"]).encode()
+    files["manifest:complete"] = json.dumps(manifest["complete"]).encode()
+    return files
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_outputs_equal_the_reference_commit(reference_code, tiny_models, tmp_path, scheme):
+    calib = WIKITEXT / "valid.txt"
+    common = [str(tiny_models["llama"]), "--calib", str(calib) if calib.exists() else "default", *FAST,
+              *SCHEMES[scheme]]
+    run(reference_code, tmp_path, [*common, "--out", str(tmp_path / "reference")])
+    run(None, tmp_path, [*common, "--out", str(tmp_path / "current")])
+    reference, current = output_bytes(tmp_path / "reference"), output_bytes(tmp_path / "current")
+    assert sorted(current) == sorted(reference)
+    differ = [name for name in reference if reference[name] != current[name]]
+    assert not differ, f"outputs differ from {REFERENCE_COMMIT}'s: {differ}"
