@@ -55,6 +55,7 @@ class Plan:
     output_bytes: int = 0
     min_gpu_bytes: int = 0
     gpu_budget: int | None = None
+    base_host_bytes: int = 0          # the process before the run (interpreter, torch, tokenizer): in every host peak
 
     @property
     def peak_gpu_bytes(self) -> int:
@@ -67,7 +68,8 @@ class Plan:
     def to_json(self) -> dict:
         return {"micro_batch": self.micro_batch, "device": self.device, "peak_gpu_bytes": self.peak_gpu_bytes,
                 "peak_host_bytes": self.peak_host_bytes, "output_bytes": self.output_bytes,
-                "min_gpu_bytes": self.min_gpu_bytes, "gpu_budget": self.gpu_budget, "stages": self.stages}
+                "min_gpu_bytes": self.min_gpu_bytes, "gpu_budget": self.gpu_budget,
+                "base_host_bytes": self.base_host_bytes, "stages": self.stages}
 
 
 # A fast tokenizer holds ~140 bytes per character of text while it encodes a whole text at once (ids, offsets, token
@@ -119,29 +121,17 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
     act16 = tokens * _activation_bytes_per_token(spec, b, 16, on_gpu) + scores   # capture: full precision
     act = tokens * _activation_bytes_per_token(spec, b, work.a_bits, on_gpu) + scores
     scratch = tokens * h * b                                     # _forward_only's clone of a micro-batch
-    per_side = min(work.samples * work.seqlen, max(1, work.r1_reservoir_bytes // (4 * h) // (2 * L)))
-    reservoir = 2 * L * per_side * h * 4 if dart else 0
+    sides = len(spec.arch.capture_points) * L                    # reservoir rows are sampled per (layer, side)
+    rows = sides * min(work.samples * work.seqlen, max(1, work.r1_reservoir_bytes // (4 * h) // sides))
+    reservoir = rows * h * 4 if dart else 0
     r1_train = 10 * h * h * 4 if dart else 0                     # Z, grad, momentum, Q, R and autograd buffers
-    whip_eval = 5 * min(8192, 2 * L * per_side) * h * 4 if dart else 0  # a chunk of rows, rotated, |.|, exp
+    whip_eval = 5 * min(8192, rows) * h * 4 if dart else 0       # a chunk of rows, rotated, |.|, exp
     r2_samples = min(work.r2_tokens, work.samples * work.seqlen) * q * 4 if dart else 0
-    hessian = max(h * h, i * i) * 4   # H; the hook's fp32 input copy fits in the act envelope (act/up are freed by then)
-    # GPTQ.quantize: at the Cholesky, H (kept for a sibling linear: + its clone) and L beside the fp32 work copy W;
-    # later one inverse factor beside W, the codes and the result (measured at in 8192 and 14336 to within 2 %)
-    solve = max(max(3 * h * h, 2 * i * i) * 4 + widest * 4, max(h * h, i * i) * 4 + 3 * widest * 4)
-    if work.w_bits >= 16:
-        weight_quant = []
-    elif work.weights == "gptq":                                 # per group: a forward feeding H, then the solve
-        weight_quant = [Moment(compute + codes + act + scratch + hessian, stored), Moment(compute + codes + solve, stored)]
-    else:                                                        # RTN: fp32 work copy and the dequantized weight
-        weight_quant = [Moment(compute + codes + 2 * widest * 4, stored)]
+    weight_quant = _weight_quant_moments(spec, work, compute + codes, act + scratch, stored, widest)
     embed_stored = index.entries[spec.arch.embed].nbytes
     embed_fuse = 2 * embed_stored + 2 * 4096 * h * 8 if work.method != "none" else embed_stored  # rotate.fuse chunks
     logits = work.seqlen * v * 4 * 3                             # logits, the shifted copy, log-softmax
-    if on_gpu:  # rotate_block on CUDA: fp32, one Linear at a time, the next Linear's copy in flight, output on GPU
-        per_param = max(1, round(stored / spec.block_params()))
-        rotate = Moment(stored + 2 * widest * per_param + 2 * widest * 4 + h * h * 4, 2 * stored)
-    else:       # on a CPU: original + prefetched next + output + one Linear in fp64 and its fused result
-        rotate = Moment(0, 2 * stored + compute + 2 * widest * 8)
+    rotate = _rotate_moment(spec, stored, compute, widest, on_gpu)
 
     stages: dict[str, tuple[int, list[Moment]]] = {             # stage -> (persistent host bytes, moments)
         "load": (0, [Moment(0, TOKENIZE_BYTES_PER_TEXT_BYTE * work.text_bytes + work.held_text_bytes)]),
@@ -172,7 +162,32 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
         # on a CPU run the device is the host: its tensors add to the resident set
         host = max(m.host + (0 if on_gpu else m.device) for m in moments)
         out[name] = {"gpu_bytes": int(gpu), "host_bytes": int(base_host_bytes + persistent + host)}
-    return Plan(micro_batch, device, out, output_bytes(spec, work, b))
+    return Plan(micro_batch, device, out, output_bytes(spec, work, b), base_host_bytes=base_host_bytes)
+
+
+def _weight_quant_moments(spec, work: Workload, block: int, forward: int, stored: int, widest: int) -> list[Moment]:
+    """Quantizing one block's weights beside the built block and its codes (`block`): GPTQ per group runs a forward
+    (`forward`: activations and scratch) that feeds one Hessian, then solves; RTN holds an fp32 work copy and the
+    dequantized weight."""
+    h, i = spec.hidden_size, spec.intermediate_size
+    if work.w_bits >= 16:
+        return []
+    if work.weights != "gptq":
+        return [Moment(block + 2 * widest * 4, stored)]
+    hessian = max(h * h, i * i) * 4   # H; the hook's fp32 input copy fits in the act envelope (act/up are freed by then)
+    # GPTQ.quantize: at the Cholesky, H (kept for a sibling linear: + its clone) and L beside the fp32 work copy W;
+    # later one inverse factor beside W, the codes and the result (measured at in 8192 and 14336 to within 2 %)
+    solve = max(max(3 * h * h, 2 * i * i) * 4 + widest * 4, max(h * h, i * i) * 4 + 3 * widest * 4)
+    return [Moment(block + forward + hessian, stored), Moment(block + solve, stored)]
+
+
+def _rotate_moment(spec, stored: int, compute: int, widest: int, on_gpu: bool) -> Moment:
+    """rotate_block: on CUDA in fp32 one Linear at a time with the next Linear's copy in flight and the output on the
+    GPU; on a CPU the original, the prefetched next block, the output and one Linear in fp64 with its fused result."""
+    if on_gpu:
+        per_param = max(1, round(stored / spec.block_params()))
+        return Moment(stored + 2 * widest * per_param + 2 * widest * 4 + spec.hidden_size ** 2 * 4, 2 * stored)
+    return Moment(0, 2 * stored + compute + 2 * widest * 8)
 
 
 def output_bytes(spec, work: Workload, b: int) -> int:

@@ -1,6 +1,7 @@
-"""Architecture spec of a Llama-family checkpoint, read from config.json alone.
-
-Every size streamquant uses comes from here, never from assumptions such as head_dim == hidden // heads.
+"""The sizes of one checkpoint, read from config.json alone; its block layout comes from the architecture map
+(`streamquant.arch`). Every size streamquant uses comes from here, never from assumptions such as
+head_dim == hidden // heads. (Rope variants and the rest of config.json reach transformers' own layer classes
+unchanged through `raw`.)
 """
 from __future__ import annotations
 
@@ -26,9 +27,7 @@ class ModelSpec:
     rms_norm_eps: float
     tie_word_embeddings: bool
     biased: tuple[str, ...] = ()          # linears that carry a bias (the architecture's rule applied to config.json)
-    rope: dict[str, Any] = field(default_factory=dict)
     sliding_window: int | None = None
-    torch_dtype: str = "float32"
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -93,10 +92,7 @@ def read_spec(model_dir: Path) -> ModelSpec:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             biased=arch.biased(cfg),
-            rope=dict(cfg.get("rope_parameters") or {"rope_theta": cfg.get("rope_theta", 10000.0),
-                                                      "rope_scaling": cfg.get("rope_scaling")}),
             sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch.sliding_window_by_default) else None,
-            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             raw=cfg,
         )
     except (KeyError, TypeError, ValueError) as exc:

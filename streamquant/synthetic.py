@@ -14,6 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from streamquant.arch import ARCHS, HEAD_DIM, HIDDEN, INTERMEDIATE, KV, Q
+
+ARCH = ARCHS["llama"]
+
 LLAMA2_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                   head_dim=128, vocab_size=32000, num_hidden_layers=80, rms_norm_eps=1e-5)
 
@@ -37,15 +41,13 @@ def _config(shape: dict) -> dict:
 
 
 def _tensor_shapes(shape: dict) -> dict[str, tuple[int, ...]]:
-    h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
-    q, kv = shape["num_attention_heads"] * shape["head_dim"], shape["num_key_value_heads"] * shape["head_dim"]
-    out = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    """Every tensor of the checkpoint, in the order the architecture map lists a block's tensors."""
+    h, v, hd = shape["hidden_size"], shape["vocab_size"], shape["head_dim"]
+    dims = {HIDDEN: h, INTERMEDIATE: shape["intermediate_size"], Q: shape["num_attention_heads"] * hd,
+            KV: shape["num_key_value_heads"] * hd, HEAD_DIM: hd}
+    out = {ARCH.embed: (v, h), ARCH.final_norm: (h,), ARCH.lm_head: (v, h)}
     for k in range(shape["num_hidden_layers"]):
-        p = f"model.layers.{k}."
-        out |= {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
-                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        out |= {f"{ARCH.layer_prefix}{k}.{name}": s for name, s in ARCH.block_shapes(dims, ()).items()}
     return out
 
 
@@ -71,7 +73,7 @@ def write_checkpoint(out: Path, shape: dict, seed: int = 0, sparse: bool = False
     shapes = _tensor_shapes(shape)
     groups: dict[str, dict[str, tuple[int, ...]]] = {}
     for name, shp in shapes.items():
-        key = name.split(".")[2] if name.startswith("model.layers.") else ("head" if "lm_head" in name or "norm" in name else "embed")
+        key = name.split(".")[2] if name.startswith(ARCH.layer_prefix) else ("embed" if name == ARCH.embed else "head")
         groups.setdefault(key, {})[name] = shp
     weight_map = {}
     gen = torch.Generator().manual_seed(seed)
@@ -89,10 +91,10 @@ def write_checkpoint(out: Path, shape: dict, seed: int = 0, sparse: bool = False
                 t = 1 + 0.1 * torch.randn(shp, generator=gen)
             else:
                 t = torch.randn(shp, generator=gen) / shp[1] ** 0.5
-                if name.endswith("embed_tokens.weight"):
+                if name == ARCH.embed:
                     t = 0.05 * t * shp[1] ** 0.5
                     t[:, hot] *= 40.0                     # massive activations in a few residual channels
-                if name.endswith(("o_proj.weight", "down_proj.weight")):
+                if name.endswith(tuple(f"{w}.weight" for w in ARCH.residual_writers)):
                     t[hot] *= 8.0
             data[name] = t.half()
         save_file(data, str(out / file), metadata={"format": "pt"})

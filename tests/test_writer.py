@@ -128,3 +128,81 @@ def test_group_size_that_does_not_divide_is_one_line(tiny_models, tmp_path):
     res = run_cli(*run_args(tiny_models["llama"], tmp_path / "o", "--group-size", "64", "--a-bits", "16"))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "--group-size 64 does not divide" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+# ---- fast unit tests: values in, files out, read back (no model, no subprocess) ----
+
+def _unit_output(tmp_path, group_size: int, symmetric: bool):
+    import json as _json
+
+    from streamquant.formats import OutputFormat
+    from streamquant.qblock import Runtime
+    from streamquant.quant.quantizers import WeightQuantConfig
+    from streamquant.quantized import QuantizedBlock, QuantizedLinear
+    from streamquant.spec import read_spec
+
+    cfg = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=16, vocab_size=40)
+    (tmp_path / "config.json").write_text(_json.dumps(cfg))
+    spec = read_spec(tmp_path)
+    wcfg = WeightQuantConfig(4, group_size, symmetric)
+    gen = torch.Generator().manual_seed(1)
+    linears, dense = {}, {}
+    for name, shape in spec.block_shapes().items():
+        if len(shape) == 1:
+            dense[name] = torch.randn(shape, generator=gen)
+            continue
+        groups = 1 if group_size == -1 else shape[1] // group_size
+        lo, hi = (-8, 8) if symmetric else (0, 16)
+        codes = torch.randint(lo, hi, shape, generator=gen, dtype=torch.int8)
+        zero = torch.zeros(shape[0], groups) if symmetric else torch.randint(0, 16, (shape[0], groups), generator=gen).float()
+        linears[name.removesuffix(".weight")] = QuantizedLinear(codes, torch.rand(shape[0], groups, generator=gen) + 0.1,
+                                                                zero, wcfg)
+    block = QuantizedBlock(0, dense, linears, r2=torch.eye(16, dtype=torch.float64)[None])
+    fmt = OutputFormat("pack-quantized", spec, wcfg, Runtime(), torch.float32)
+    identity = {"run": {"w_bits": 4, "group_size": group_size, "w_symmetric": symmetric}, "num_layers": 2}
+    return spec, block, fmt, identity
+
+
+@pytest.mark.parametrize("group_size,symmetric", [(-1, True), (16, False)])
+def test_block_values_round_trip_through_the_files(tmp_path, group_size, symmetric):
+    """What the writer stores and the reader dequantizes equals (codes − zero)·scale, computed densely here."""
+    from streamquant.reader import read_block
+    from streamquant.writer import OutputWriter
+
+    (tmp_path / "model").mkdir()
+    spec, block, fmt, identity = _unit_output(tmp_path / "model", group_size, symmetric)
+    writer = OutputWriter(tmp_path / "out")
+    assert writer.begin(identity, fmt) == (None, 0)
+    writer.write_block(block)
+    back = read_block(tmp_path / "out", 0, spec, writer.manifest)
+    for name, lin in block.linears.items():
+        g = lin.codes.shape[1] // lin.scale.shape[1]
+        # (codes − zero) is a small integer, so its product with an fp32 scale rounds once: exact in fp32
+        dense = (lin.codes.float() - lin.zero.repeat_interleave(g, 1)) * lin.scale.repeat_interleave(g, 1)
+        assert torch.equal(back[f"{name}.weight"], dense), name
+    for name, t in block.dense.items():
+        assert torch.equal(back[name], t)
+    assert writer.manifest["blocks"] == ["block-00000.safetensors"] and not writer.manifest["complete"]
+
+
+def test_resume_checks_identity_and_integrity(tmp_path):
+    from streamquant.errors import UserError
+    from streamquant.writer import OutputWriter
+
+    (tmp_path / "model").mkdir()
+    spec, block, fmt, identity = _unit_output(tmp_path / "model", -1, True)
+    first = OutputWriter(tmp_path / "out")
+    first.begin(identity, fmt)
+    first.write_r1(torch.eye(32, dtype=torch.float64))
+    first.write_block(block)
+    r1, done = OutputWriter(tmp_path / "out", resume=True).begin(identity, fmt)
+    assert done == 1 and torch.equal(r1, torch.eye(32, dtype=torch.float64))
+    with pytest.raises(UserError, match="different options"):
+        OutputWriter(tmp_path / "out", resume=True).begin({**identity, "run": {"w_bits": 16}}, fmt)
+    with pytest.raises(UserError, match="not empty"):
+        OutputWriter(tmp_path / "out").begin(identity, fmt)
+    path = tmp_path / "out" / "block-00000.safetensors"
+    path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(UserError, match="block-00000.safetensors: corrupt"):
+        OutputWriter(tmp_path / "out", resume=True).begin(identity, fmt)

@@ -210,18 +210,7 @@ def train_rotation(
         if cfg.max_steps is not None and steps >= cfg.max_steps:
             break
         subset = torch.randperm(n_rows, generator=gen)[:per_epoch]
-        epoch_losses: list[Tensor] = []
-        for start in range(0, per_epoch, cfg.batch_size):
-            if cfg.max_steps is not None and steps >= cfg.max_steps:
-                break
-            batch = samples.index_select(0, subset[start : start + cfg.batch_size])
-            batch = batch.to(device=dev, dtype=torch.float32, non_blocking=True)
-            loss = whip_loss(batch @ qr_orth(z))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            epoch_losses.append(loss.detach())
-            steps += 1
+        epoch_losses, steps = _epoch(samples, subset, z, opt, cfg, dev, steps)
         if epoch_losses:
             history.append(torch.stack(epoch_losses).mean().item())
             if log is not None:
@@ -240,6 +229,25 @@ def train_rotation(
         steps=steps,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _epoch(samples: Tensor, subset: Tensor, z: Tensor, opt: torch.optim.Optimizer, cfg: RotationTrainConfig,
+           dev: torch.device, steps: int) -> tuple[list[Tensor], int]:
+    """One pass over this epoch's rows in minibatches (stopping at cfg.max_steps); returns the batch losses and the
+    step count so far."""
+    losses: list[Tensor] = []
+    for start in range(0, subset.numel(), cfg.batch_size):
+        if cfg.max_steps is not None and steps >= cfg.max_steps:
+            break
+        batch = samples.index_select(0, subset[start : start + cfg.batch_size])
+        batch = batch.to(device=dev, dtype=torch.float32, non_blocking=True)
+        loss = whip_loss(batch @ qr_orth(z))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+        steps += 1
+    return losses, steps
 
 
 def train_r1(

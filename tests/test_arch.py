@@ -1,0 +1,84 @@
+"""The architecture registry and the spec read from config.json, against transformers' own decoder layers (fast:
+no checkpoint, no subprocess)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from streamquant.arch import ARCHS, ArchMap, LinearMap, NormMap
+from streamquant.errors import UserError
+from streamquant.spec import read_spec
+
+SMALL = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+             num_key_value_heads=2, head_dim=12, vocab_size=64, max_position_embeddings=128)
+# every bias rule each architecture has, switched on and off
+CASES = [("llama", {}), ("llama", {"attention_bias": True}), ("llama", {"mlp_bias": True}),
+         ("mistral", {}), ("qwen2", {})]
+
+
+def write_config(tmp_path, model_type: str, **extra) -> dict:
+    cfg = {"model_type": model_type, **SMALL, **extra}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return cfg
+
+
+def hf_layer_shapes(model_type: str, cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Shapes of transformers' own decoder layer for this config (the independent reference)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        layer = ARCHS[model_type].hf_class("layer")(config, layer_idx=0)
+    return {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+
+
+@pytest.mark.parametrize("model_type,extra", CASES)
+def test_block_shapes_equal_transformers_layer(tmp_path, model_type, extra):
+    cfg = write_config(tmp_path, model_type, **extra)
+    spec = read_spec(tmp_path)
+    assert spec.block_shapes() == hf_layer_shapes(model_type, cfg)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHS))
+def test_every_linear_of_the_layer_is_mapped_once(tmp_path, model_type):
+    """Each Linear transformers builds is in the map, read by a norm or written to the residual or inside a block."""
+    from torch import nn
+    from transformers import AutoConfig
+
+    cfg = write_config(tmp_path, model_type)
+    with torch.device("meta"):
+        layer = ARCHS[model_type].hf_class("layer")(AutoConfig.for_model(**cfg), layer_idx=0)
+    linears = sorted(name for name, m in layer.named_modules() if isinstance(m, nn.Linear))
+    arch = ARCHS[model_type]
+    assert sorted(arch.linear_names) == linears
+    assert sorted(n for group in arch.gptq_order for n in group) == linears
+    for name in arch.residual_readers:   # readers take the hidden size in, writers give it out
+        assert layer.get_submodule(name).in_features == SMALL["hidden_size"]
+    for name in arch.residual_writers:
+        assert layer.get_submodule(name).out_features == SMALL["hidden_size"]
+
+
+def test_explicit_head_dim_and_sliding_window_rules(tmp_path):
+    write_config(tmp_path, "mistral", sliding_window=16)
+    spec = read_spec(tmp_path)
+    assert spec.head_dim == 12 != spec.hidden_size // spec.num_heads and spec.sliding_window == 16
+    write_config(tmp_path, "qwen2", sliding_window=16)          # qwen2: only with use_sliding_window
+    assert read_spec(tmp_path).sliding_window is None
+    write_config(tmp_path, "qwen2", sliding_window=16, use_sliding_window=True)
+    assert read_spec(tmp_path).sliding_window == 16
+
+
+def test_unknown_architecture_is_refused_naming_the_supported(tmp_path):
+    write_config(tmp_path, "gpt2")
+    with pytest.raises(UserError, match="supported: llama, mistral, qwen2"):
+        read_spec(tmp_path)
+
+
+def test_a_map_that_misnames_a_linear_is_rejected():
+    lin = (LinearMap("a", "hidden", "hidden"), LinearMap("b", "hidden", "hidden"))
+    with pytest.raises(ValueError, match="gptq_order"):
+        ArchMap("x", "m", "L", "R", lin, (NormMap("n", ("a",)),), ("b",), "a", "b", "b", (("a",),))
+    with pytest.raises(ValueError, match="not one of its linears"):
+        ArchMap("x", "m", "L", "R", lin, (NormMap("n", ("c",)),), ("b",), "a", "b", "b", (("a",), ("b",)))
