@@ -112,6 +112,12 @@ class ArchMap:
             shapes[name] = tuple(dims[d] for d in shape)
         return shapes
 
+    def share_before(self, name: str, dims: dict[str, int]) -> float:
+        """The fraction of a block's linear work (multiply-adds per token) done before `name` runs: what a pass
+        stopped at `name`'s input costs, in units of one full block forward (attention scores not counted)."""
+        work = [dims[lin.out] * dims[lin.inp] for lin in self.linears]
+        return sum(work[: self.linear_names.index(name)]) / sum(work)
+
     def hf_class(self, which: str) -> type:
         """transformers' class `which` ('layer' or 'rotary'); imports the modeling module on first use."""
         module = importlib.import_module(self.modeling_module)

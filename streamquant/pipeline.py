@@ -24,6 +24,7 @@ from streamquant.data import calibration_windows, eval_windows, read_text, token
 from streamquant.device import full_fp32_matmuls, pin_host_memory
 from streamquant.kernels.hadamard import random_hadamard_matrix
 from streamquant.memory import peak_gpu_bytes, peak_gpu_reserved_bytes, peak_host_bytes, release_host_memory
+from streamquant.plan import capture_windows, reservoir_rows
 from streamquant.preflight import Prepared
 from streamquant.qblock import QLinear, Runtime, qlinears
 from streamquant.quant.gptq import GPTQ
@@ -137,8 +138,10 @@ class Pipeline:
             calib, evals = self.load_data()   # before the output exists: bad data leaves no directory behind
         r1, done = self.sink.begin(self.prepared.identity(), self.prepared.format) if self.sink else (None, 0)
         if r1 is None:  # a resumed run reuses the saved R1 (and skips the capture pass that fed it)
-            with stats.stage("capture"):
-                reservoir = self.capture(calib) if self.cfg.method == "dart" else None
+            reservoir = None
+            if self.cfg.method == "dart":
+                with stats.stage("capture"):
+                    reservoir = self.capture(calib)
             with stats.stage("r1"):
                 r1 = self.calibrate_r1(reservoir)
                 del reservoir
@@ -160,10 +163,14 @@ class Pipeline:
         return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + purpose * 10_007 + layer)
 
     # ---- data ----
-    def load_data(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def load_data(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Calibration windows (None when nothing needs data: RTN weights and no learned rotation) and evaluation
+        windows (None without --eval)."""
         tok, cfg = self.prepared.tokenizer, self.cfg
-        calib = calibration_windows(tokenize_in_pieces(tok, read_text(cfg.calib)), cfg.seqlen, cfg.samples, cfg.seed)
-        evals = None
+        calib = evals = None
+        if cfg.calibrates:
+            calib = calibration_windows(tokenize_in_pieces(tok, read_text(cfg.calib)), cfg.seqlen, cfg.samples,
+                                        cfg.seed)
         if cfg.eval:
             evals = eval_windows(tokenize(tok, read_text(cfg.eval)), cfg.seqlen, cfg.eval_windows)
         return calib, evals
@@ -171,10 +178,15 @@ class Pipeline:
     # ---- stage 1: capture ----
     def capture(self, calib: torch.Tensor) -> torch.Tensor:
         """Full-precision pass; returns a reservoir [rows, hidden] of normalised block inputs (one side per norm:
-        attention and MLP), sampled uniformly over layers and tokens within the --r1-reservoir byte budget."""
-        spec, engine = self.spec, self.engine
-        sides, total = len(self.arch.capture_points), calib.numel()
-        per_side = max(1, self.cfg.r1_reservoir_bytes // (4 * spec.hidden_size) // (sides * spec.num_layers))
+        attention and MLP), sampled uniformly over layers and tokens within the --r1-reservoir byte budget. It runs
+        on the first of the (randomly drawn) calibration windows only, as many as filling the reservoir from a
+        diverse set of tokens needs (plan.capture_windows)."""
+        spec, engine, cfg = self.spec, self.engine, self.cfg
+        sides = len(self.arch.capture_points)
+        per_side = reservoir_rows(cfg.samples, cfg.seqlen, spec.hidden_size, spec.num_layers, sides,
+                                  cfg.r1_reservoir_bytes)
+        calib = calib[: capture_windows(cfg.samples, cfg.seqlen, per_side)]
+        total = calib.numel()
         per_side = min(per_side, total)
         reservoir = torch.empty(sides * spec.num_layers * per_side, spec.hidden_size, dtype=torch.float32)
         reservoir = reservoir.pin_memory() if engine.pin else reservoir
@@ -209,46 +221,47 @@ class Pipeline:
                          "loss_per_epoch": result.loss_history, "seconds": result.seconds}
         return result.rotation
 
-    def embed(self, r1: torch.Tensor | None, calib: torch.Tensor, evals: torch.Tensor | None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def embed(self, r1: torch.Tensor | None, calib: torch.Tensor | None, evals: torch.Tensor | None
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The rotated embedding (written once) turns token ids into the first block's hidden states."""
         table = self.index.load_embedding()
         table = table if r1 is None else fuse_embedding(table, r1)
-        hidden = self.engine.embed(table, calib)
+        hidden = self.engine.embed(table, calib) if calib is not None else None
         eval_hidden = self.engine.embed(table, evals) if evals is not None else None
         if self.sink is not None:
             self.sink.write_embedding(table)
         return hidden, eval_hidden
 
-    def replay(self, done: int, hidden: torch.Tensor, eval_hidden: torch.Tensor | None) -> None:
+    def replay(self, done: int, hidden: torch.Tensor | None, eval_hidden: torch.Tensor | None) -> None:
         """Resume: the finished blocks run again from their *quantized* weights on disk."""
         for i in range(done):
             layer = build_rotated_layer(self.engine, i, self.sink.block_weights(i), self.runtime)
-            self.engine.run_block(layer, hidden)
-            if eval_hidden is not None:
-                self.engine.run_block(layer, eval_hidden)
+            for states in (hidden, eval_hidden):
+                if states is not None:
+                    self.engine.run_block(layer, states)
             del layer
             release_host_memory()
             self.progress("replay", i + 1, done)
 
     # ---- stage 3, per block ----
-    def quantize_blocks(self, r1: torch.Tensor | None, done: int, hidden: torch.Tensor,
+    def quantize_blocks(self, r1: torch.Tensor | None, done: int, hidden: torch.Tensor | None,
                         eval_hidden: torch.Tensor | None) -> None:
         """Per block: rotate → R2 → quantize → run the quantized block on every sample → write."""
         stats, engine, wcfg = self.stats, self.engine, self.cfg.weight_cfg
         with BlockPrefetcher(self.index, pin=engine.pin) as prefetch:
             for i, original in prefetch.blocks(done):
-                stats.block = {"block": i}
-                weights, r2 = self.rotate(i, original, r1, hidden)
+                stats.block = {"block": i, "forward_equivalents": 0.0}
+                weights, r2, early = self.rotate(i, original, r1, hidden)
                 del original
                 with stats.stage("quantize"):
                     layer = build_rotated_layer(engine, i, weights, self.runtime)
                     del weights
-                    codes, losses = self.quantize_block(layer, hidden)
+                    codes, losses = self.quantize_block(layer, hidden, early)
                 with stats.stage("forward"):
-                    engine.run_block(layer, hidden)
-                    if eval_hidden is not None:
-                        engine.run_block(layer, eval_hidden)
+                    for states in (hidden, eval_hidden):
+                        if states is not None:
+                            engine.run_block(layer, states)
+                    stats.block["forward_equivalents"] += 1.0 if hidden is not None else 0.0
                 with stats.stage("write"):
                     if self.sink is not None:
                         self.sink.write_block(QuantizedBlock.from_layer(i, layer, self.arch, codes, wcfg, r2))
@@ -257,56 +270,77 @@ class Pipeline:
                 stats.end_block(prefetch, i, losses)
                 self.progress("quantize", i + 1, self.spec.num_layers)
 
-    def rotate(self, i: int, original: dict[str, torch.Tensor], r1: torch.Tensor | None, hidden: torch.Tensor
-               ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """All rotations fused with one rounding; R2 is learned first on this block's o_proj inputs with R1 (and R4)
-        in place."""
-        r2, r4_seed, device = None, self.runtime.r4_seed, self.engine.device
-        if self.cfg.method != "none":
+    def rotate(self, i: int, original: dict[str, torch.Tensor], r1: torch.Tensor | None, hidden: torch.Tensor | None
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, dict[int, GPTQ]]:
+        """All rotations fused with one rounding. A learned R2 comes first, from a probe with R1 (and R4) in place;
+        that pass also collects the Hessians of the GPTQ groups whose inputs R2 cannot change."""
+        r2, early, r4_seed, device = None, {}, self.runtime.r4_seed, self.engine.device
+        if self.cfg.method == "dart":
             with self.stats.stage("rotate"):
                 probe = build_rotated_layer(self.engine, i, rotate_block(original, self.spec, r1, None, r4_seed, device),
                                             self.runtime)
             with self.stats.stage("r2"):
-                r2 = self.calibrate_r2(i, probe, hidden)
+                r2, early = self.calibrate_r2(i, probe, hidden)
                 del probe
+        elif self.cfg.method == "quarot":
+            seed = self.cfg.seed + 1000 * (i + 1)
+            r2 = torch.stack([random_hadamard_matrix(self.spec.head_dim, seed + g) for g in range(self.spec.num_kv_heads)])
         with self.stats.stage("rotate"):
             weights = rotate_block(original, self.spec, r1, r2, r4_seed, device)
-        return weights, r2
+        return weights, r2, early
 
-    def calibrate_r2(self, i: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
-        """R2 per KV head from this block's o_proj inputs (one pass over the calibration buffer)."""
-        spec, cfg = self.spec, self.cfg
+    def calibrate_r2(self, i: int, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, dict[int, GPTQ]]:
+        """R2 per KV head from this block's o_proj inputs: one pass, stopped at o_proj. With GPTQ, the same pass feeds
+        the Hessians of the groups that read the block input (q/k/v: R2 only acts on v's output)."""
+        spec, cfg, arch = self.spec, self.cfg, self.arch
         seed = cfg.seed + 1000 * (i + 1)
-        if cfg.method == "quarot":
-            return torch.stack([random_hadamard_matrix(spec.head_dim, seed + g) for g in range(spec.num_kv_heads)])
         rows = _token_subset(hidden.shape[0] * hidden.shape[1], cfg.r2_tokens, self.generator(2, i))
         samples = torch.empty(rows.numel(), spec.num_heads * spec.head_dim, dtype=torch.float32)
         hooks = Hooks()
-        hooks.sample(layer.get_submodule(self.arch.r2_output), rows, samples)
-        self._forward_only(layer, hidden)
+        hooks.sample(layer.get_submodule(arch.r2_output), rows, samples)
+        early = self.hessians(layer, hooks, before=arch.r2_value) if cfg.weights == "gptq" and cfg.weight_cfg else {}
+        self.pass_until(layer, hidden, arch.r2_output)
         hooks.remove()
         results = train_r2(samples, spec.num_kv_heads, spec.head_dim, spec.heads_per_group,
                            replace(cfg.r2_train, seed=seed), seed, device=self.device)
         self.stats.r2.append({"layer": i, "init_loss": sum(r.init_loss for r in results),
                               "final_loss": sum(r.final_loss for r in results)})
-        return torch.stack([r.rotation for r in results])
+        return torch.stack([r.rotation for r in results]), early
 
-    def quantize_block(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[Codes | None, dict[str, float]]:
+    def hessians(self, layer: nn.Module, hooks: Hooks, before: str | None = None, group: int | None = None
+                 ) -> dict[int, GPTQ]:
+        """GPTQ accumulators hooked on the input of GPTQ group `group`, or of every group whose first linear runs
+        no later than `before`; each sees exactly what its linears' matmuls see (after R4 and the act quantizer)."""
+        order, names = self.arch.gptq_order, self.arch.linear_names
+        chosen = [group] if group is not None else [
+            g for g, grp in enumerate(order) if names.index(grp[0]) <= names.index(before)]
+        out = {}
+        for g in chosen:
+            first = layer.get_submodule(order[g][0])
+            out[g] = GPTQ(first.in_features, device=self.device)
+            hooks.each_input(first, out[g].add_batch, transform=QLinear.quantized_input)
+        return out
+
+    def quantize_block(self, layer: nn.Module, hidden: torch.Tensor | None, early: dict[int, GPTQ]
+                       ) -> tuple[Codes | None, dict[str, float]]:
         """Weights to the INT grid in place (the layer then computes with them): RTN, or GPTQ group by group in
-        dependency order. Returns the integer codes for the writer and GPTQ's loss per linear."""
+        dependency order, each group's Hessian from a pass stopped at its input (unless the R2 pass collected it).
+        Returns the integer codes for the writer and GPTQ's loss per linear."""
         wcfg = self.cfg.weight_cfg
         if wcfg is None:
             return None, {}
         if self.cfg.weights == "rtn":
             return quantize_layer_rtn(layer, self.arch, wcfg), {}
         linears, codes, losses = qlinears(layer, self.arch), {}, {}
-        for group in self.arch.gptq_order:
+        for g, group in enumerate(self.arch.gptq_order):
             # the linears of a group read the same input, so they share one Hessian (q/k/v: 3× less memory)
-            gptq = GPTQ(linears[group[0]].in_features, device=self.device)
-            hooks = Hooks()
-            hooks.each_input(linears[group[0]], gptq.add_batch, transform=QLinear.quantized_input)
-            self._forward_only(layer, hidden)
-            hooks.remove()
+            gptq = early.pop(g, None)
+            if gptq is None:
+                hooks = Hooks()
+                gptq = self.hessians(layer, hooks, group=g)[g]
+                self.pass_until(layer, hidden, group[0])
+                hooks.remove()
+            t0 = time.perf_counter()
             for k, name in enumerate(group):
                 result = gptq.quantize(linears[name].weight.data, wcfg, act_order=self.cfg.act_order,
                                        free_hessian=k == len(group) - 1)
@@ -314,13 +348,14 @@ class Pipeline:
                 codes[name] = (result.q, result.scale, result.zero)
                 losses[name] = float(result.loss)
             del gptq
+            self.stats.block["gptq_solve"] = self.stats.block.get("gptq_solve", 0.0) + time.perf_counter() - t0
         return codes, losses
 
-    def _forward_only(self, layer: nn.Module, hidden: torch.Tensor) -> None:
-        """Run the block for its hooks' sake, leaving the hidden states untouched."""
-        for sl in self.engine.micro_batches(hidden.shape[0]):
-            scratch = hidden[sl].clone()
-            self.engine.run_block(layer, scratch)
+    def pass_until(self, layer: nn.Module, hidden: torch.Tensor, stop_at: str) -> None:
+        """One calibration pass for the hooks' sake, stopped at `stop_at`'s input; its work is counted in units of
+        one full block forward over all calibration samples."""
+        self.engine.run_until(layer, hidden, layer.get_submodule(stop_at))
+        self.stats.block["forward_equivalents"] += self.arch.share_before(stop_at, self.spec.dims())
 
     # ---- finalize ----
     def finish(self, norm_w: torch.Tensor, head_w: torch.Tensor, eval_hidden: torch.Tensor | None,

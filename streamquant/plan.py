@@ -72,6 +72,22 @@ class Plan:
                 "base_host_bytes": self.base_host_bytes, "stages": self.stages}
 
 
+def reservoir_rows(samples: int, seqlen: int, hidden: int, layers: int, sides: int, budget_bytes: int) -> int:
+    """Rows R1's reservoir keeps per (layer, side): the byte budget shared out, at most every calibration token."""
+    return min(samples * seqlen, max(1, budget_bytes // (4 * hidden) // (sides * layers)))
+
+
+CAPTURE_OVERSAMPLE, CAPTURE_MIN_WINDOWS = 4, 8
+
+
+def capture_windows(samples: int, seqlen: int, per_side: int) -> int:
+    """Calibration windows the capture pass runs: enough that each (layer, side) draws its reservoir rows from at
+    least 4× as many tokens (and from 8 windows or more), since capture exists only to fill the reservoir. At
+    Llama-2-70B shape with 128 × 2048 samples and a 256 MiB reservoir that is 8 windows, not 128."""
+    needed = max(CAPTURE_MIN_WINDOWS, -(-CAPTURE_OVERSAMPLE * per_side // seqlen))
+    return min(samples, needed)
+
+
 # A fast tokenizer holds ~140 bytes per character of text while it encodes a whole text at once (ids, offsets, token
 # strings; measured 142-144 B/char with SmolLM2's byte-level BPE on WikiText-2 valid and test).
 TOKENIZE_BYTES_PER_TEXT_BYTE = 150
@@ -120,14 +136,17 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
     scores = scores if spec.sliding_window and work.seqlen > spec.sliding_window else 0
     act16 = tokens * _activation_bytes_per_token(spec, b, 16, on_gpu) + scores   # capture: full precision
     act = tokens * _activation_bytes_per_token(spec, b, work.a_bits, on_gpu) + scores
-    scratch = tokens * h * b                                     # _forward_only's clone of a micro-batch
-    sides = len(spec.arch.capture_points) * L                    # reservoir rows are sampled per (layer, side)
-    rows = sides * min(work.samples * work.seqlen, max(1, work.r1_reservoir_bytes // (4 * h) // sides))
+    sides = len(spec.arch.capture_points)                        # reservoir rows are sampled per (layer, side)
+    per_side = reservoir_rows(work.samples, work.seqlen, h, L, sides, work.r1_reservoir_bytes)
+    rows = sides * L * per_side
+    captured = capture_windows(work.samples, work.seqlen, per_side) * work.seqlen * h * b
     reservoir = rows * h * 4 if dart else 0
     r1_train = 10 * h * h * 4 if dart else 0                     # Z, grad, momentum, Q, R and autograd buffers
     whip_eval = 5 * min(8192, rows) * h * 4 if dart else 0       # a chunk of rows, rotated, |.|, exp
     r2_samples = min(work.r2_tokens, work.samples * work.seqlen) * q * 4 if dart else 0
-    weight_quant = _weight_quant_moments(spec, work, compute + codes, act + scratch, stored, widest)
+    weight_quant = _weight_quant_moments(spec, work, compute + codes, act, stored, widest)
+    gptq = work.weights == "gptq" and work.w_bits < 16
+    early_h = h * h * 4 if dart and gptq else 0                  # the R2 pass also fills q/k/v's Hessian
     embed_stored = index.entries[spec.arch.embed].nbytes
     embed_fuse = 2 * embed_stored + 2 * 4096 * h * 8 if work.method != "none" else embed_stored  # rotate.fuse chunks
     logits = work.seqlen * v * 4 * 3                             # logits, the shifted copy, log-softmax
@@ -137,15 +156,15 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
         "load": (0, [Moment(0, TOKENIZE_BYTES_PER_TEXT_BYTE * work.text_bytes + work.held_text_bytes)]),
     }
     if dart:  # the full-precision capture pass and R1 training exist only to learn R1
-        stages["capture"] = (hidden + reservoir, [Moment(0, embed_stored), rotate, Moment(compute + act16, stored)])
+        stages["capture"] = (captured + reservoir, [Moment(0, embed_stored), rotate, Moment(compute + act16, stored)])
         # capture's hidden states are gone; on a CPU, autograd and LAPACK workspaces add ~60 MB (measured at n=576)
         stages["r1"] = (reservoir, [Moment(r1_train + whip_eval, 0 if on_gpu else 64 << 20)])
     stages |= {
         "embed": (hidden + eval_hidden, [Moment(0, embed_fuse)]),
         "quantize": (hidden + eval_hidden, [
             rotate,                                                               # probe: R1 (and R4) only
-            Moment(compute + act + scratch + (r2_samples if on_gpu else 0), stored + r2_samples),  # R2 samples
-            rotate,                                                               # final: R1, R2, R4
+            Moment(compute + act + early_h + (r2_samples if on_gpu else 0), stored + r2_samples),  # R2 pass
+            Moment(rotate.device + early_h, rotate.host),                         # final: R1, R2, R4
             *weight_quant,
             Moment(compute + codes + act, stored),                                # the quantized block's forward
             Moment(compute + codes, stored + codes // 2 + (compute if on_gpu else 0)),  # the writer's packed copy
@@ -248,13 +267,13 @@ def fit_micro_batch(spec, index, work: Workload, dtype: torch.dtype, device: str
     if requested is not None:
         mb = requested
     elif device == "cuda" and gpu_budget is not None:
-        lo, hi = 1, max(1, work.samples)
+        lo, hi = 1, max(1, work.samples or work.eval_windows)
         while lo < hi:  # the prediction grows with the micro-batch: binary search the largest that fits
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if at(mid).peak_gpu_bytes <= gpu_budget else (lo, mid - 1)
         mb = lo
     else:
-        mb = min(max(1, work.samples), micro_batch_for(work.seqlen, spec.hidden_size, spec.intermediate_size, dtype))
+        mb = min(max(1, work.samples or work.eval_windows), micro_batch_for(work.seqlen, spec.hidden_size, spec.intermediate_size, dtype))
     plan = at(mb)
     plan.min_gpu_bytes = at(1).peak_gpu_bytes
     plan.gpu_budget = gpu_budget

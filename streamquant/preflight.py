@@ -86,15 +86,21 @@ class RunConfig:
     def weight_cfg(self) -> WeightQuantConfig | None:
         return None if self.w_bits >= 16 else WeightQuantConfig(self.w_bits, self.group_size, self.w_symmetric)
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether anything needs calibration data: a learned rotation (dart) or GPTQ. RTN weights with random or
+        no rotations are data-free (activation quantizers are dynamic)."""
+        return self.method == "dart" or (self.weights == "gptq" and self.weight_cfg is not None)
+
     def workload(self) -> Workload:
         """What the run will do, as far as memory is concerned."""
         # calibration text is tokenized a piece at a time, evaluation text whole (its ids must match others')
-        calib_bytes = text_bytes(self.calib)
+        calib_bytes = text_bytes(self.calib) if self.calibrates else 0
         texts = [min(calib_bytes, CALIB_PIECE_CHARS)] + ([text_bytes(self.eval)] if self.eval else [])
         windows = 0
         if self.eval:  # all windows unless limited: estimated from the text size (~3.5 bytes per token) before tokenizing
             windows = self.eval_windows or int(texts[-1] / BYTES_PER_TOKEN // self.seqlen)
-        return Workload(samples=self.samples, seqlen=self.seqlen, eval_windows=windows, method=self.method,
+        return Workload(samples=self.samples if self.calibrates else 0, seqlen=self.seqlen, eval_windows=windows, method=self.method,
                         weights=self.weights, w_bits=self.w_bits, a_bits=self.a_bits,
                         r1_reservoir_bytes=self.r1_reservoir_bytes, r2_tokens=self.r2_tokens, text_bytes=max(texts),
                         held_text_bytes=int(calib_bytes * (1 + 8 / BYTES_PER_TOKEN)),

@@ -60,6 +60,14 @@ def build_layer(config, spec: ModelSpec, index: int, weights: dict[str, torch.Te
     return layer.eval()
 
 
+class StopForward(Exception):
+    """Raised by a pre-hook once a pass has what it came for: the rest of the block is not computed."""
+
+
+def _stop(module: nn.Module, args) -> None:
+    raise StopForward
+
+
 @dataclass
 class Engine:
     """Micro-batched execution of blocks over a host buffer of hidden states."""
@@ -121,6 +129,23 @@ class Engine:
             x = hidden[sl].to(self.device, non_blocking=True)
             y = layer(x, attention_mask=mask, position_embeddings=pos)
             hidden[sl].copy_(y[0] if isinstance(y, tuple) else y)
+
+    @torch.inference_mode()
+    def run_until(self, layer: nn.Module, hidden: torch.Tensor, stop_at: nn.Module | None = None) -> None:
+        """Run the block over every sample for its hooks' sake, leaving `hidden` untouched; with `stop_at`, each
+        micro-batch stops as soon as that module is about to run (hooks registered on it before still fire)."""
+        seqlen = hidden.shape[1]
+        pos, mask = self.position_embeddings(seqlen), self.attention_mask(seqlen)
+        handle = stop_at.register_forward_pre_hook(_stop) if stop_at is not None else None
+        try:
+            for sl in self.micro_batches(hidden.shape[0]):
+                try:
+                    layer(hidden[sl].to(self.device, non_blocking=True), attention_mask=mask, position_embeddings=pos)
+                except StopForward:
+                    pass
+        finally:
+            if handle is not None:
+                handle.remove()
 
     @torch.inference_mode()
     def head_nll(self, norm_weight: torch.Tensor, head_weight: torch.Tensor, hidden: torch.Tensor,

@@ -187,3 +187,18 @@ def test_run_prints_a_table_for_people(tiny_models, tmp_path):
     for b in blocks:   # per block: seconds by stage, compute in all, the shard read and how much of it was hidden
         assert b["compute"] == pytest.approx(b["rotate"] + b["r2"] + b["quantize"] + b["forward"])
         assert b["io"] > 0 and 0.0 <= b["io_hidden"] <= 1.0 and b["io_wait"] >= 0
+
+
+def test_work_per_block_is_counted_and_bounded(tiny_models, tmp_path):
+    """report.json counts each block's calibration forwards in full-block units: dart W4A4 GPTQ needs at most 3
+    (R2 and q/k/v's Hessian share one pass, each pass stops at the linear it feeds); a data-free run needs none."""
+    res = run_cli("run", str(tiny_models["llama"]), "--samples", "2", "--seqlen", "32", "--weights", "gptq",
+                  "--method", "dart", "--a-bits", "4", "--json")
+    assert res.returncode == 0, res.stderr
+    blocks = last_json(res.stdout)["blocks"]
+    assert all(1.0 < b["forward_equivalents"] <= 3.0 and b["gptq_solve"] > 0 for b in blocks)
+    free = run_cli("run", str(tiny_models["llama"]), "--seqlen", "32", "--method", "quarot", "--weights", "rtn",
+                   "--json")
+    assert free.returncode == 0, free.stderr
+    report = last_json(free.stdout)
+    assert all(b["forward_equivalents"] == 0 for b in report["blocks"]) and "capture" not in report["stage_seconds"]

@@ -26,6 +26,8 @@ SCHEMES = {
     "dart-w4a4-gptq": ["--method", "dart", "--w-bits", "4", "--a-bits", "4", "--weights", "gptq"],
     "dart-w4a16-gptq-g32": ["--method", "dart", "--w-bits", "4", "--a-bits", "16", "--weights", "gptq",
                             "--group-size", "32"],
+    # data-free since issue 11 (no calibration pass at all): the same bytes as when it ran them
+    "quarot-w4a4kv4-rtn": ["--method", "quarot", "--w-bits", "4", "--a-bits", "4", "--kv-bits", "4", "--weights", "rtn"],
 }
 
 

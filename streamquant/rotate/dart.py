@@ -129,6 +129,7 @@ class RotationTrainConfig:
     sample_fraction: float = 0.1
     seed: int = 0
     max_steps: int | None = None
+    batches_per_epoch: int | None = None   # when set, batch_size = ceil(rows per epoch / this): a fixed step count
 
 
 @dataclass
@@ -193,6 +194,8 @@ def train_rotation(
 
     n_rows = samples.shape[0]
     per_epoch = min(n_rows, max(cfg.batch_size, round(n_rows * cfg.sample_fraction)))
+    if cfg.batches_per_epoch:
+        cfg = replace(cfg, batch_size=max(1, -(-per_epoch // cfg.batches_per_epoch)))
     gen = torch.Generator().manual_seed(cfg.seed)
     init_loss = _eval_whip(samples, init, dev)
 
