@@ -59,6 +59,8 @@ class ArchMap:
     biases: tuple[BiasRule, ...] = ()
     passthrough: tuple[tuple[str, tuple[str, ...]], ...] = ()   # other block tensors, kept as they are
     sliding_window_by_default: bool = False   # `sliding_window` applies unless `use_sliding_window` is false
+    window_by_layer_types: bool = False   # the window applies only to layers config.json's `layer_types` marks
+                                          # "sliding_attention" (else: to every layer)
     layer_prefix: str = "model.layers."
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
@@ -140,6 +142,12 @@ def _llama_like(model_type: str, module: str, prefix: str, **overrides) -> ArchM
     )
 
 
+def _qk_norms() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Per-head RMSNorms on q and k (Qwen3) act on q_proj/k_proj outputs before RoPE: R1 sits on those linears'
+    input side and R3 after RoPE, so the norms see exactly what they saw before and pass through untouched."""
+    return (("self_attn.q_norm.weight", (HEAD_DIM,)), ("self_attn.k_norm.weight", (HEAD_DIM,)))
+
+
 ARCHS: dict[str, ArchMap] = {
     # Llama's attention_bias covers o_proj too; mlp_bias all three MLP linears
     "llama": _llama_like("llama", "llama", "Llama", biases=(
@@ -149,4 +157,9 @@ ARCHS: dict[str, ArchMap] = {
     # Qwen2 always has q/k/v biases and never an o_proj one
     "qwen2": _llama_like("qwen2", "qwen2", "Qwen2", biases=(
         BiasRule(None, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),)),
+    # Qwen3: the Llama block plus q/k norms; attention_bias covers q/k/v/o; a sliding window (use_sliding_window)
+    # only on the layers layer_types marks (transformers derives them from max_window_layers)
+    "qwen3": _llama_like("qwen3", "qwen3", "Qwen3", biases=(
+        BiasRule("attention_bias", tuple(lin.name for lin in _ATTN)),), passthrough=_qk_norms(),
+        window_by_layer_types=True),
 }

@@ -17,7 +17,8 @@ WIKITEXT = SHARED / "data" / "wikitext-2"
 VOCAB = 512
 
 # Each tiny model exercises something real checkpoints do: GQA, explicit head_dim != hidden/heads, sizes with no
-# power-of-two factorisation, tied and untied embeddings, q/k/v biases, rope scaling, a sliding window < seqlen.
+# power-of-two factorisation, tied and untied embeddings, q/k/v biases, rope scaling, a sliding window < seqlen
+# (on every layer, or per layer), per-head q/k norms.
 TINY = {
     "llama": dict(model_type="llama", hidden_size=96, intermediate_size=224, num_hidden_layers=4,
                   num_attention_heads=6, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
@@ -27,6 +28,10 @@ TINY = {
                     sliding_window=40),
     "qwen2": dict(model_type="qwen2", hidden_size=80, intermediate_size=192, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=20, tie_word_embeddings=False),
+    # q/k norms (pass through), biases on q/k/v/o, a window < seqlen on layers ≥ max_window_layers only
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True,
+                  attention_bias=True, use_sliding_window=True, sliding_window=40, max_window_layers=1),
 }
 
 
