@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamquant.arch import ARCHS, HEAD_DIM, HIDDEN, INTERMEDIATE, KV, Q, ArchMap
+from streamquant.arch import ARCHS, GATE_UP, HEAD_DIM, HIDDEN, INTERMEDIATE, KV, Q, QKV, ArchMap
 from streamquant.errors import UserError
 
 
@@ -51,8 +51,9 @@ class ModelSpec:
 
     def dims(self) -> dict[str, int]:
         """Values of the symbolic sizes the architecture map writes shapes in."""
-        return {HIDDEN: self.hidden_size, INTERMEDIATE: self.intermediate_size, Q: self.num_heads * self.head_dim,
-                KV: self.num_kv_heads * self.head_dim, HEAD_DIM: self.head_dim}
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {HIDDEN: self.hidden_size, INTERMEDIATE: self.intermediate_size, Q: q, KV: kv, HEAD_DIM: self.head_dim,
+                QKV: q + 2 * kv, GATE_UP: 2 * self.intermediate_size}
 
     def block_shapes(self) -> dict[str, tuple[int, ...]]:
         """Expected shape of every tensor of one decoder block (names relative to the block prefix)."""

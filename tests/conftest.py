@@ -32,6 +32,10 @@ TINY = {
     "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True,
                   attention_bias=True, use_sliding_window=True, sliding_window=40, max_window_layers=1),
+    # fused qkv_proj (R2 on its v rows only) and gate_up_proj, GQA, partial rotary, a window on every layer
+    "phi3": dict(model_type="phi3", hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=40, pad_token_id=0,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}),
 }
 
 

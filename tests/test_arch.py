@@ -15,7 +15,8 @@ SMALL = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_atte
              num_key_value_heads=2, head_dim=12, vocab_size=64, max_position_embeddings=128)
 # every bias rule each architecture has, switched on and off
 CASES = [("llama", {}), ("llama", {"attention_bias": True}), ("llama", {"mlp_bias": True}),
-         ("mistral", {}), ("qwen2", {}), ("qwen3", {}), ("qwen3", {"attention_bias": True})]
+         ("mistral", {}), ("qwen2", {}), ("qwen3", {}), ("qwen3", {"attention_bias": True}),
+         ("phi3", {})]
 
 
 def write_config(tmp_path, model_type: str, **extra) -> dict:
@@ -92,7 +93,7 @@ def test_per_layer_sliding_window_equals_transformers_layers(tmp_path, extra):
 
 def test_unknown_architecture_is_refused_naming_the_supported(tmp_path):
     write_config(tmp_path, "gpt2")
-    with pytest.raises(UserError, match="supported: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(UserError, match="supported: llama, mistral, qwen2, qwen3, phi3"):
         read_spec(tmp_path)
 
 
