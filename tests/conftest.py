@@ -47,8 +47,11 @@ def calibration_text() -> str:
     return resources.files("streamquant").joinpath("data/default_calib.txt").read_text(encoding="utf-8")
 
 
-def make_tiny_model(out: Path, arch: str, seed: int = 0, max_shard_size: str = "60KB", dtype=torch.float32) -> Path:
-    """A random checkpoint with non-trivial norms and biases, sharded so blocks straddle files."""
+def make_tiny_model(out: Path, arch: str, seed: int = 0, max_shard_size: str = "60KB", dtype=torch.float32,
+                    outliers: float = 0.0) -> Path:
+    """A random checkpoint with non-trivial norms and biases, sharded so blocks straddle files. `outliers` > 0
+    scales four channels of every block norm by that factor: the outlier channels real LLMs have, which rotations
+    exist to spread (a plain random model has none, so a rotation cannot beat no rotation on it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = dict(TINY[arch])
@@ -61,6 +64,8 @@ def make_tiny_model(out: Path, arch: str, seed: int = 0, max_shard_size: str = "
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.3 * torch.randn_like(p))  # so norm fusion has something to fuse
+                if outliers and name.endswith("layernorm.weight"):
+                    p[:4] *= outliers
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     model.to(dtype).save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
