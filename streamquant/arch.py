@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 # Symbolic sizes a shape is written in; `ModelSpec.dims()` gives their values for one checkpoint.
 HIDDEN, INTERMEDIATE, Q, KV, HEAD_DIM = "hidden", "intermediate", "q", "kv", "head_dim"
+QKV, GATE_UP = "qkv", "gate_up"   # fused linears' outputs: q, k and v rows stacked; gate and up rows stacked
 
 
 @dataclass(frozen=True)
@@ -51,14 +52,18 @@ class ArchMap:
     linears: tuple[LinearMap, ...]        # in the order a block computes them
     norms: tuple[NormMap, ...]            # each block norm and the residual readers after it (R1 input side)
     residual_writers: tuple[str, ...]     # linears whose output is added to the residual stream (R1 output side)
-    r2_value: str                         # R2 on its output, per KV head ...
+    r2_value: str                         # R2 on its output (the value rows, see r2_value_rows), per KV head ...
     r2_output: str                        # ... and on this one's input, per query head (cancels inside attention)
     r4: str                               # online Hadamard on its input, transpose fused into its weight
     gptq_order: tuple[tuple[str, ...], ...]  # groups sharing one input (one Hessian), in dependency order
     attention: str = "self_attn"          # the module whose attention gets R3 and the KV quantizer online
     biases: tuple[BiasRule, ...] = ()
     passthrough: tuple[tuple[str, tuple[str, ...]], ...] = ()   # other block tensors, kept as they are
+    r2_value_rows: tuple[str, ...] = ()   # sizes of r2_value's output rows before its KV value rows: a fused qkv
+                                          # linear (Phi-3) holds q and k rows first; () = all rows are values
     sliding_window_by_default: bool = False   # `sliding_window` applies unless `use_sliding_window` is false
+    window_by_layer_types: bool = False   # the window applies only to layers config.json's `layer_types` marks
+                                          # "sliding_attention" (else: to every layer)
     layer_prefix: str = "model.layers."
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
@@ -146,6 +151,28 @@ def _llama_like(model_type: str, module: str, prefix: str, **overrides) -> ArchM
     )
 
 
+def _phi3() -> ArchMap:
+    """Phi-3: the Llama block with q/k/v fused into one qkv_proj ([q; k; v] rows, so R2 touches only the v rows)
+    and gate/up fused into gate_up_proj ([gate; up] rows); no biases; a configured sliding window applies to every
+    layer (config.json sets no use_sliding_window); partial rotary reaches transformers' layer through the config."""
+    qkv, o, gate_up, down = "self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"
+    return ArchMap(
+        model_type="phi3", modeling_module="transformers.models.phi3.modeling_phi3",
+        layer_class="Phi3DecoderLayer", rotary_class="Phi3RotaryEmbedding",
+        linears=(LinearMap(qkv, QKV, HIDDEN), LinearMap(o, HIDDEN, Q), LinearMap(gate_up, GATE_UP, HIDDEN),
+                 LinearMap(down, HIDDEN, INTERMEDIATE)),
+        norms=(NormMap("input_layernorm", (qkv,)), NormMap("post_attention_layernorm", (gate_up,))),
+        residual_writers=(o, down), r2_value=qkv, r2_value_rows=(Q, KV), r2_output=o, r4=down,
+        gptq_order=((qkv,), (o,), (gate_up,), (down,)), sliding_window_by_default=True,
+    )
+
+
+def _qk_norms() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Per-head RMSNorms on q and k (Qwen3) act on q_proj/k_proj outputs before RoPE: R1 sits on those linears'
+    input side and R3 after RoPE, so the norms see exactly what they saw before and pass through untouched."""
+    return (("self_attn.q_norm.weight", (HEAD_DIM,)), ("self_attn.k_norm.weight", (HEAD_DIM,)))
+
+
 ARCHS: dict[str, ArchMap] = {
     # Llama's attention_bias covers o_proj too; mlp_bias all three MLP linears
     "llama": _llama_like("llama", "llama", "Llama", biases=(
@@ -155,4 +182,10 @@ ARCHS: dict[str, ArchMap] = {
     # Qwen2 always has q/k/v biases and never an o_proj one
     "qwen2": _llama_like("qwen2", "qwen2", "Qwen2", biases=(
         BiasRule(None, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),)),
+    # Qwen3: the Llama block plus q/k norms; attention_bias covers q/k/v/o; a sliding window (use_sliding_window)
+    # only on the layers layer_types marks (transformers derives them from max_window_layers)
+    "qwen3": _llama_like("qwen3", "qwen3", "Qwen3", biases=(
+        BiasRule("attention_bias", tuple(lin.name for lin in _ATTN)),), passthrough=_qk_norms(),
+        window_by_layer_types=True),
+    "phi3": _phi3(),
 }

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamquant.arch import ARCHS, HEAD_DIM, HIDDEN, INTERMEDIATE, KV, Q, ArchMap
+from streamquant.arch import ARCHS, GATE_UP, HEAD_DIM, HIDDEN, INTERMEDIATE, KV, Q, QKV, ArchMap
 from streamquant.errors import UserError
 
 
@@ -28,6 +28,7 @@ class ModelSpec:
     tie_word_embeddings: bool
     biased: tuple[str, ...] = ()          # linears that carry a bias (the architecture's rule applied to config.json)
     sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] | None = None   # layers the window applies to (None: every layer)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -42,10 +43,17 @@ class ModelSpec:
     def attention_bias(self) -> bool:
         return any(name in self.biased for name in self.arch.attention_linears())
 
+    def window(self, layer: int) -> int | None:
+        """The sliding window of one layer (None: full causal attention)."""
+        if self.sliding_layers is not None and layer not in self.sliding_layers:
+            return None
+        return self.sliding_window
+
     def dims(self) -> dict[str, int]:
         """Values of the symbolic sizes the architecture map writes shapes in."""
-        return {HIDDEN: self.hidden_size, INTERMEDIATE: self.intermediate_size, Q: self.num_heads * self.head_dim,
-                KV: self.num_kv_heads * self.head_dim, HEAD_DIM: self.head_dim}
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {HIDDEN: self.hidden_size, INTERMEDIATE: self.intermediate_size, Q: q, KV: kv, HEAD_DIM: self.head_dim,
+                QKV: q + 2 * kv, GATE_UP: 2 * self.intermediate_size}
 
     def block_shapes(self) -> dict[str, tuple[int, ...]]:
         """Expected shape of every tensor of one decoder block (names relative to the block prefix)."""
@@ -60,6 +68,20 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+# transformers' default `max_window_layers` (Qwen2/Qwen3 configs) when config.json names neither it nor layer_types
+_MAX_WINDOW_LAYERS = 28
+
+
+def _sliding_layers(cfg: dict) -> tuple[int, ...]:
+    """Layers marked "sliding_attention", derived as transformers does when config.json has no layer_types:
+    layers from max_window_layers on."""
+    types = cfg.get("layer_types")
+    if types is None:
+        first = int(cfg.get("max_window_layers", _MAX_WINDOW_LAYERS))
+        return tuple(range(first, int(cfg["num_hidden_layers"])))
+    return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
 
 
 def read_spec(model_dir: Path) -> ModelSpec:
@@ -93,6 +115,7 @@ def read_spec(model_dir: Path) -> ModelSpec:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             biased=arch.biased(cfg),
             sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch.sliding_window_by_default) else None,
+            sliding_layers=_sliding_layers(cfg) if arch.window_by_layer_types else None,
             raw=cfg,
         )
     except (KeyError, TypeError, ValueError) as exc:

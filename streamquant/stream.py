@@ -57,6 +57,7 @@ def build_layer(config, spec: ModelSpec, index: int, weights: dict[str, torch.Te
         layer = spec.arch.hf_class("layer")(config, layer_idx=index)
     state = {k: v.to(device=device, dtype=dtype, non_blocking=True) for k, v in weights.items()}
     layer.load_state_dict(state, strict=True, assign=True)
+    layer.sq_window = spec.window(index)   # this layer's sliding window, for the engine's attention mask
     return layer.eval()
 
 
@@ -95,9 +96,8 @@ class Engine:
             self._pos_cache[seqlen] = self._rotary(probe, pos)
         return self._pos_cache[seqlen]
 
-    def attention_mask(self, seqlen: int) -> torch.Tensor | None:
+    def attention_mask(self, seqlen: int, window: int | None) -> torch.Tensor | None:
         """None lets SDPA use its causal kernel; a sliding window shorter than the sequence needs an explicit mask."""
-        window = self.spec.sliding_window
         if not window or seqlen <= window:
             return None
         i = torch.arange(seqlen, device=self.device)
@@ -124,7 +124,8 @@ class Engine:
     def run_block(self, layer: nn.Module, hidden: torch.Tensor) -> None:
         """hidden <- layer(hidden), in place, micro-batch by micro-batch."""
         seqlen = hidden.shape[1]
-        pos, mask = self.position_embeddings(seqlen), self.attention_mask(seqlen)
+        window = getattr(layer, "sq_window", self.spec.sliding_window)   # per layer where the architecture says so
+        pos, mask = self.position_embeddings(seqlen), self.attention_mask(seqlen, window)
         for sl in self.micro_batches(hidden.shape[0]):
             x = hidden[sl].to(self.device, non_blocking=True)
             y = layer(x, attention_mask=mask, position_embeddings=pos)

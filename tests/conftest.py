@@ -17,7 +17,8 @@ WIKITEXT = SHARED / "data" / "wikitext-2"
 VOCAB = 512
 
 # Each tiny model exercises something real checkpoints do: GQA, explicit head_dim != hidden/heads, sizes with no
-# power-of-two factorisation, tied and untied embeddings, q/k/v biases, rope scaling, a sliding window < seqlen.
+# power-of-two factorisation, tied and untied embeddings, q/k/v biases, rope scaling, a sliding window < seqlen
+# (on every layer, or per layer), per-head q/k norms.
 TINY = {
     "llama": dict(model_type="llama", hidden_size=96, intermediate_size=224, num_hidden_layers=4,
                   num_attention_heads=6, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
@@ -27,6 +28,14 @@ TINY = {
                     sliding_window=40),
     "qwen2": dict(model_type="qwen2", hidden_size=80, intermediate_size=192, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=20, tie_word_embeddings=False),
+    # q/k norms (pass through), biases on q/k/v/o, a window < seqlen on layers ≥ max_window_layers only
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True,
+                  attention_bias=True, use_sliding_window=True, sliding_window=40, max_window_layers=1),
+    # fused qkv_proj (R2 on its v rows only) and gate_up_proj, GQA, partial rotary, a window on every layer
+    "phi3": dict(model_type="phi3", hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=40, pad_token_id=0,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}),
 }
 
 
@@ -38,8 +47,11 @@ def calibration_text() -> str:
     return resources.files("streamquant").joinpath("data/default_calib.txt").read_text(encoding="utf-8")
 
 
-def make_tiny_model(out: Path, arch: str, seed: int = 0, max_shard_size: str = "60KB", dtype=torch.float32) -> Path:
-    """A random checkpoint with non-trivial norms and biases, sharded so blocks straddle files."""
+def make_tiny_model(out: Path, arch: str, seed: int = 0, max_shard_size: str = "60KB", dtype=torch.float32,
+                    outliers: float = 0.0) -> Path:
+    """A random checkpoint with non-trivial norms and biases, sharded so blocks straddle files. `outliers` > 0
+    scales four channels of every block norm by that factor: the outlier channels real LLMs have, which rotations
+    exist to spread (a plain random model has none, so a rotation cannot beat no rotation on it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = dict(TINY[arch])
@@ -52,6 +64,8 @@ def make_tiny_model(out: Path, arch: str, seed: int = 0, max_shard_size: str = "
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.3 * torch.randn_like(p))  # so norm fusion has something to fuse
+                if outliers and name.endswith("layernorm.weight"):
+                    p[:4] *= outliers
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     model.to(dtype).save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)

@@ -15,7 +15,8 @@ SMALL = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_atte
              num_key_value_heads=2, head_dim=12, vocab_size=64, max_position_embeddings=128)
 # every bias rule each architecture has, switched on and off
 CASES = [("llama", {}), ("llama", {"attention_bias": True}), ("llama", {"mlp_bias": True}),
-         ("mistral", {}), ("qwen2", {})]
+         ("mistral", {}), ("qwen2", {}), ("qwen3", {}), ("qwen3", {"attention_bias": True}),
+         ("phi3", {})]
 
 
 def write_config(tmp_path, model_type: str, **extra) -> dict:
@@ -70,9 +71,29 @@ def test_explicit_head_dim_and_sliding_window_rules(tmp_path):
     assert read_spec(tmp_path).sliding_window == 16
 
 
+@pytest.mark.parametrize("extra", [{}, {"use_sliding_window": True, "sliding_window": 16},
+                                   {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
+                                   {"use_sliding_window": True, "sliding_window": 16,
+                                    "layer_types": ["sliding_attention", "full_attention"]}])
+def test_per_layer_sliding_window_equals_transformers_layers(tmp_path, extra):
+    """Qwen3 windows only the layers layer_types marks (derived from max_window_layers when absent): the window
+    of each layer equals the one transformers' own attention module of that layer uses."""
+    from transformers import AutoConfig
+
+    cfg = write_config(tmp_path, "qwen3", **extra)
+    spec = read_spec(tmp_path)
+    config = AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        theirs = [ARCHS["qwen3"].hf_class("layer")(config, layer_idx=i).self_attn.sliding_window
+                  for i in range(spec.num_layers)]
+    assert [spec.window(i) for i in range(spec.num_layers)] == theirs
+    if extra.get("max_window_layers") == 1 or "layer_types" in extra:
+        assert None in theirs and 16 in theirs   # the case really mixes windowed and full layers
+
+
 def test_unknown_architecture_is_refused_naming_the_supported(tmp_path):
     write_config(tmp_path, "gpt2")
-    with pytest.raises(UserError, match="supported: llama, mistral, qwen2"):
+    with pytest.raises(UserError, match="supported: llama, mistral, qwen2, qwen3, phi3"):
         read_spec(tmp_path)
 
 

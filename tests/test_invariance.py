@@ -146,3 +146,21 @@ def test_rotate_block_on_cuda_matches_dense_fp64(tiny_models):
     for name, ref in _dense_rotated_block(w, spec, r1, r2, 5).items():
         err = (fused[name].double().cpu() - ref).abs().max() / ref.abs().max()
         assert err <= 2e-6, (name, float(err))
+
+
+def test_fused_qkv_r2_rotates_only_the_value_rows(tiny_models):
+    """Phi-3's qkv_proj holds [q; k; v] rows: R2 (as a dense block-diagonal fp64 matrix) turns the v rows only, and
+    o_proj's columns take the same per-group R2 as in Llama."""
+    from streamquant.rotate.model import rotate_block
+
+    spec, w, r1, r2 = _rotation_case(tiny_models["phi3"])
+    w = {k: v.double() for k, v in w.items()}
+    fused = rotate_block(w, spec, r1, r2, r4_seed=None)
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    qkv = w["self_attn.qkv_proj.weight"] * w["input_layernorm.weight"] @ r1
+    ref = torch.cat([qkv[:q + kv], torch.block_diag(*r2).T @ qkv[q + kv:]])
+    assert qkv.shape[0] == q + 2 * kv
+    assert (fused["self_attn.qkv_proj.weight"] - ref).abs().max() <= 1e-12 * ref.abs().max()
+    r2_q = torch.block_diag(*[r2[h // spec.heads_per_group] for h in range(spec.num_heads)])
+    o_ref = r1.T @ w["self_attn.o_proj.weight"] @ r2_q
+    assert (fused["self_attn.o_proj.weight"] - o_ref).abs().max() <= 1e-12 * o_ref.abs().max()

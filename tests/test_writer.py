@@ -38,7 +38,9 @@ def hf_ppl(model_dir: Path, text: Path, seqlen: int, windows: int) -> float:
 
 
 @pytest.mark.parametrize("arch,extra", [("llama", ["--weights", "gptq", "--group-size", "16"]),
-                                        ("qwen2", ["--weights", "rtn", "--method", "quarot"])])
+                                        ("qwen2", ["--weights", "rtn", "--method", "quarot"]),
+                                        ("qwen3", ["--weights", "gptq", "--group-size", "16"]),
+                                        ("phi3", ["--weights", "gptq", "--group-size", "16"])])
 def test_w4a16_loads_in_transformers(tiny_models, eval_text, tmp_path, arch, extra):
     out = tmp_path / "w4a16"
     res = run_cli(*run_args(tiny_models[arch], out, "--w-bits", "4", "--a-bits", "16", *extra, "--json"))

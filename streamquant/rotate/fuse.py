@@ -55,23 +55,38 @@ def fuse_r1(weights: Weights, r1: torch.Tensor, arch: ArchMap) -> Weights:
 
 def fuse_r2(weights: Weights, r2: torch.Tensor, spec: ModelSpec) -> Weights:
     """R2[g] (head_dim × head_dim) on the output of v for KV head g and on o_proj's input columns of every query
-    head in group g; it cancels inside attention because softmax weights mix value rows linearly."""
+    head in group g; it cancels inside attention because softmax weights mix value rows linearly. In a fused qkv
+    linear only the value rows (after `arch.r2_value_rows`) turn; q and k rows stay as they are."""
     w = dict(weights)
     r2 = r2.to(_dtype(w))
     hd, kv, group = spec.head_dim, spec.num_kv_heads, spec.heads_per_group
     value, output = spec.arch.r2_value, spec.arch.r2_output
+    start = sum(spec.dims()[d] for d in spec.arch.r2_value_rows)
     if f"{value}.weight" in w:
-        v = w[f"{value}.weight"].view(kv, hd, -1)                            # rows of head g: v_g = x V_gᵀ
-        w[f"{value}.weight"] = torch.einsum("gji,gjc->gic", r2, v).reshape(kv * hd, -1)  # V_g <- R2ᵀ V_g
+        v = _value_rows(w[f"{value}.weight"], start, kv * hd).view(kv, hd, -1)    # rows of head g: v_g = x V_gᵀ
+        rotated = torch.einsum("gji,gjc->gic", r2, v).reshape(kv * hd, -1)        # V_g <- R2ᵀ V_g
+        w[f"{value}.weight"] = _with_value_rows(w[f"{value}.weight"], start, rotated)
     if f"{value}.bias" in w:
-        b = w[f"{value}.bias"].view(kv, hd)
-        w[f"{value}.bias"] = torch.einsum("gj,gji->gi", b, r2).reshape(-1)
+        b = _value_rows(w[f"{value}.bias"], start, kv * hd).view(kv, hd)
+        w[f"{value}.bias"] = _with_value_rows(w[f"{value}.bias"], start,
+                                              torch.einsum("gj,gji->gi", b, r2).reshape(-1))
     if f"{output}.weight" in w:
         o = w[f"{output}.weight"]
         out = o.shape[0]
         o = o.view(out, kv, group, hd)                                       # input column blocks per query head
         w[f"{output}.weight"] = torch.einsum("okhj,kji->okhi", o, r2).reshape(out, -1)  # O_h <- O_h R2[g(h)]
     return w
+
+
+def _value_rows(t: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    return t if start == 0 and t.shape[0] == count else t[start: start + count]
+
+
+def _with_value_rows(t: torch.Tensor, start: int, rows: torch.Tensor) -> torch.Tensor:
+    """`t` with rows start.. replaced (the whole tensor when the value rows are all of it, as in Llama's v_proj)."""
+    if start == 0 and t.shape[0] == rows.shape[0]:
+        return rows
+    return torch.cat([t[:start], rows, t[start + rows.shape[0]:]])
 
 
 def fuse_r4(weights: Weights, hadamard: Callable[[torch.Tensor], torch.Tensor], arch: ArchMap) -> Weights:
