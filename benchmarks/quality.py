@@ -38,7 +38,7 @@ def main() -> None:
         cmd = [str(exe), "run", args.model, "--method", method, "--weights", weights, "--w-bits", w, "--a-bits", a,
                "--kv-bits", kv, "--group-size", group[0] if group else "-1", "--calib", args.calib,
                "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
-               "--eval", args.eval, "--eval-windows", str(args.eval_windows), "--json"]
+               "--eval", args.eval, "--eval-windows", str(args.eval_windows), "--no-write", "--json"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             print(done.stderr, file=sys.stderr)

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from streamquant.errors import UserError
+from streamquant.errors import Stopped, UserError
 
 # Reproducible CPU math: MKL may otherwise pick fewer threads when the machine is busy, which changes reduction
 # order, so two runs (or a run and its resume) would not be byte-identical. Must be set before torch loads MKL.
@@ -132,13 +132,16 @@ def parse_bytes(text: str) -> int:
 @app.command("run")
 def run_cmd(
     model: str = typer.Argument(..., help="Local directory, Hub id, or 'smollm2-135m'."),
-    out: Optional[str] = typer.Option(None, help="Output directory (rotations, report; quantized blocks)."),
-    method: str = typer.Option("dart", help="dart (learned R1/R2), quarot (random Hadamard), none."),
-    w_bits: int = typer.Option(4, help="Weight bits (16 = off)."),
-    a_bits: int = typer.Option(4, help="Activation bits, per-token asymmetric (16 = off)."),
-    kv_bits: int = typer.Option(16, help="KV-cache bits (16 = off)."),
-    weights: str = typer.Option("rtn", help="Weight quantizer: rtn or gptq."),
-    group_size: int = typer.Option(-1, help="Weight group size (-1 = per output channel)."),
+    out: Optional[str] = typer.Option(None, help="Output directory (default: ./<model-name>-<scheme>)."),
+    scheme: Optional[str] = typer.Option(None, help="Preset: w4a16 (default: GPTQ INT4 weights, group 128/64/32 that "
+                                         "divides the model, servable), w4a4 (the paper), w4a4kv4. Explicit flags "
+                                         "below override it."),
+    method: Optional[str] = typer.Option(None, help="dart (learned R1/R2), quarot (random Hadamard), none. [preset: dart]"),
+    w_bits: Optional[int] = typer.Option(None, help="Weight bits (16 = off). [preset: 4]"),
+    a_bits: Optional[int] = typer.Option(None, help="Activation bits, per-token asymmetric (16 = off). [preset]"),
+    kv_bits: Optional[int] = typer.Option(None, help="KV-cache bits (16 = off). [preset]"),
+    weights: Optional[str] = typer.Option(None, help="Weight quantizer: rtn or gptq. [preset: gptq]"),
+    group_size: Optional[int] = typer.Option(None, help="Weight group size (-1 = per output channel). [preset]"),
     w_asym: bool = typer.Option(False, "--w-asym", help="Asymmetric weights (a zero point per group) instead of symmetric."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by descending Hessian diagonal."),
     a_clip: float = typer.Option(0.9, help="Activation clip ratio."),
@@ -153,10 +156,12 @@ def run_cmd(
     r1_epochs: int = typer.Option(10), r2_epochs: int = typer.Option(5),
     eval: Optional[str] = typer.Option(None, "--eval", help="End with the quantized model's perplexity on this text."),
     eval_windows: Optional[int] = typer.Option(None, help="Evaluate the first N windows (default: all)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a stopped or killed run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    no_write: bool = typer.Option(False, "--no-write", help="Write no output (measure, e.g. with --eval, only)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or progress lines (run.log is still written)."),
     gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU memory budget, e.g. 23GiB: fits the micro-batch, caps CUDA."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory plan (the same as `plan` with these options) and exit; reads config, headers and tokenizer, writes nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the scheme, output directory and memory plan (the same as `plan` with these options) and exit; reads config, headers and tokenizer, writes nothing."),
     fmt: str = typer.Option("auto", "--format", help="auto, pack-quantized (W4A16, loads in transformers/vLLM), streamquant."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
 ) -> None:
@@ -165,26 +170,89 @@ def run_cmd(
 
     from streamquant.pipeline import Pipeline
     from streamquant.preflight import RunConfig, prepare
+    from streamquant.progress import LOG_FILE, RunProgress, progress_mode
     from streamquant.rotate.dart import R1_CONFIG, R2_CONFIG
+    from streamquant.schemes import build_config, default_out
+    from streamquant.stopping import SafeStop
 
-    cfg = RunConfig(model=model, out=None if out is None else Path(out), method=method, w_bits=w_bits, a_bits=a_bits,
-                    kv_bits=kv_bits, weights=weights, group_size=group_size, w_symmetric=not w_asym, act_order=act_order, a_clip=a_clip, calib=calib,
-                    samples=samples, seqlen=seqlen, seed=seed, dtype=dtype, device=device, micro_batch=micro_batch,
-                    r1_reservoir_bytes=parse_bytes(r1_reservoir), r1_train=dc_replace(R1_CONFIG, epochs=r1_epochs),
-                    r2_train=dc_replace(R2_CONFIG, epochs=r2_epochs), eval=eval, eval_windows=eval_windows, format=fmt,
-                    gpu_mem=None if gpu_mem is None else parse_bytes(gpu_mem))
+    base = RunConfig(model=model, w_symmetric=not w_asym, act_order=act_order, a_clip=a_clip, calib=calib,
+                     samples=samples, seqlen=seqlen, seed=seed, dtype=dtype, device=device, micro_batch=micro_batch,
+                     r1_reservoir_bytes=parse_bytes(r1_reservoir), r1_train=dc_replace(R1_CONFIG, epochs=r1_epochs),
+                     r2_train=dc_replace(R2_CONFIG, epochs=r2_epochs), eval=eval, eval_windows=eval_windows,
+                     format=fmt, gpu_mem=None if gpu_mem is None else parse_bytes(gpu_mem))
+    cfg, choice = build_config(base, scheme, dict(method=method, w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits,
+                                                  weights=weights, group_size=group_size))
+    out_dir = None if no_write else Path(out) if out is not None else default_out(model, choice.scheme)
+    cfg.out = out_dir
     if dry_run:
-        show_plan(prepare(cfg, plan_only=True).plan, as_json)
+        plan = prepare(cfg, plan_only=True).plan
+        if as_json:
+            print(json.dumps({**plan.to_json(), "scheme": choice.scheme, "group_size": cfg.group_size,
+                              "out": None if out_dir is None else str(out_dir)}))
+            return
+        console.print(choice.line(cfg), soft_wrap=True)
+        console.print(f"output directory: {out_dir if out_dir is not None else '(none: --no-write)'}"
+                      + ("" if out is not None or out_dir is None else " (default ./<model-name>-<scheme>; --out to change)"),
+                      soft_wrap=True)
+        show_plan(plan, False)
         return
     prepared = prepare(cfg)
     sink = None
-    if out is not None:
+    if out_dir is not None:
         from streamquant.writer import OutputWriter
 
-        sink = OutputWriter(Path(out), resume=resume, overwrite=overwrite)
-    with stage_progress() as on_progress:
-        result = Pipeline(prepared, on_progress, sink).run()
-    emit(result, as_json, "streamquant run", f"{Path(out) / 'report.json'} or --json" if out else "--json")
+        sink = OutputWriter(out_dir, resume=resume, overwrite=overwrite)
+    mode = progress_mode(quiet, err.is_terminal)
+    resume_cmd = resume_command(out, out_dir)
+    with RunProgress(mode, device=prepared.device) as progress, \
+            SafeStop(lambda message: progress.line(message, show=True)) as stop:
+        progress.set_plan(prepared.plan)
+        if sink is not None:
+            progress.log_into(lambda: sink.out / LOG_FILE if sink.manifest else None)
+        progress.line(choice.line(cfg) + (f"; output {out_dir}" if out_dir is not None else ""), show=mode == "bar")
+        try:
+            result = Pipeline(prepared, progress, sink, on_stage=progress.stage, should_stop=stop).run()
+        except Stopped as exc:
+            progress.line(f"stopped at a safe point: {exc.done} of {exc.total} blocks written")
+            progress.close()
+            say("stopped:", f"{exc.done} of {exc.total} blocks written to {out_dir}; continue with: {resume_cmd}"
+                if out_dir is not None else f"{exc.done} of {exc.total} blocks done; nothing was written")
+            raise typer.Exit(130)
+        except KeyboardInterrupt:
+            progress.line("aborted (second Ctrl-C)")
+            progress.close()
+            if out_dir is not None and out_dir.exists():
+                say("aborted:", f"finished blocks are kept in {out_dir}; continue with: {resume_cmd}")
+            raise
+        progress.line(f"done in {result['seconds']:.1f}s")
+    if as_json:
+        print(json.dumps(result))
+        return
+    show_summary(result, out_dir)
+
+
+def resume_command(out: str | None, out_dir: Path | None) -> str:
+    """The command line of this run, with --resume (and --out when it was the default), for copy and paste."""
+    import shlex
+
+    args = [a for a in sys.argv[1:] if a not in ("--overwrite", "--resume")]
+    if out is None and out_dir is not None:
+        args += ["--out", str(out_dir)]
+    return shlex.join(["streamquant", *args, "--resume"])
+
+
+def show_summary(result: dict, out_dir: Optional[Path]) -> None:
+    """End of run: seconds per stage, peak memory against the plan, output size, PPL, and how to use the result."""
+    from streamquant.progress import how_to_use, summary_rows
+
+    table = Table(title="streamquant run", show_header=False)
+    for label, value in summary_rows(result, out_dir):
+        table.add_row(label, value)
+    console.print(table)
+    details = f"{out_dir / 'report.json'} or --json" if out_dir is not None else "--json"
+    console.print(f"per stage and per block (blocks, memory, plan): {details}", soft_wrap=True)
+    if out_dir is not None:
+        console.print(how_to_use(result["format"], out_dir), soft_wrap=True)
 
 
 def show_plan(plan, as_json: bool) -> None:
@@ -206,10 +274,10 @@ def plan_cmd(**options) -> None:
     """Predict per-stage peak GPU and host memory and the output size; choose the micro-batch for --gpu-mem.
     Takes run's options and prints exactly what `run ... --dry-run` prints (with --device auto, a --gpu-mem budget
     plans a CUDA run even on a machine without a GPU)."""
-    run_cmd(**options, out=None, resume=False, overwrite=False, dry_run=True)
+    run_cmd(**options, out=None, resume=False, overwrite=False, no_write=False, quiet=False, dry_run=True)
 
 
-_RUN_ONLY = ("out", "resume", "overwrite", "dry_run")
+_RUN_ONLY = ("out", "resume", "overwrite", "no_write", "quiet", "dry_run")
 _RUN_SIGNATURE = inspect.signature(run_cmd)
 plan_cmd.__signature__ = _RUN_SIGNATURE.replace(parameters=[
     p for name, p in _RUN_SIGNATURE.parameters.items() if name not in _RUN_ONLY])

@@ -179,9 +179,9 @@ ARCHS: dict[str, ArchMap] = {
         BiasRule("attention_bias", tuple(lin.name for lin in _ATTN)),
         BiasRule("mlp_bias", tuple(lin.name for lin in _MLP)))),
     "mistral": _llama_like("mistral", "mistral", "Mistral", sliding_window_by_default=True),
-    # Qwen2 always has q/k/v biases and never an o_proj one
+    # Qwen2 always has q/k/v biases and never an o_proj one; like Qwen3 it windows only the layers layer_types marks
     "qwen2": _llama_like("qwen2", "qwen2", "Qwen2", biases=(
-        BiasRule(None, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),)),
+        BiasRule(None, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),), window_by_layer_types=True),
     # Qwen3: the Llama block plus q/k norms; attention_bias covers q/k/v/o; a sliding window (use_sliding_window)
     # only on the layers layer_types marks (transformers derives them from max_window_layers)
     "qwen3": _llama_like("qwen3", "qwen3", "Qwen3", biases=(

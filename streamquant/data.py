@@ -1,10 +1,12 @@
 """Text in, token windows out: evaluation windows (fixed, from the start) and seeded calibration windows."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -64,11 +66,52 @@ def _hub_dataset(source: str):
     name, *config, split = source.split(":")
     if not sys.stderr.isatty():   # no bars in logs and pipes, where a failed load must stay one error line
         datasets.disable_progress_bars()
+    unreachable = not Path(name).expanduser().exists() and not _hub_reachable()
     try:
-        ds = datasets.load_dataset(name, config[0] if config else None, split=split)
+        with _hub_offline(unreachable):   # no network: the local cache only, not five retries per file
+            ds = datasets.load_dataset(name, config[0] if config else None, split=split)
     except Exception as exc:
-        raise UserError(f"cannot load dataset {source}: {str(exc).splitlines()[0]}") from exc
+        from huggingface_hub import constants
+
+        where = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hugging Face Hub is unreachable"
+        why = (f"{where} and the dataset is not in the local cache; pass a text file or a local dataset folder"
+               if unreachable else str(exc).splitlines()[0])
+        raise UserError(f"cannot load dataset {source}: {why}") from exc
     return ds, "text" if "text" in ds.column_names else ds.column_names[0]
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the Hub endpoint (already offline when HF_HUB_OFFLINE=1)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub's and datasets' offline switches for one call (they read the environment at import)."""
+    import datasets
+    from huggingface_hub import constants
+
+    if not offline:
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
 def _hub_text(source: str) -> str:

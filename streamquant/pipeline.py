@@ -22,6 +22,7 @@ from torch import nn
 
 from streamquant.data import calibration_windows, eval_windows, read_text, tokenize, tokenize_in_pieces
 from streamquant.device import full_fp32_matmuls, pin_host_memory
+from streamquant.errors import Stopped
 from streamquant.kernels.hadamard import random_hadamard_matrix
 from streamquant.memory import peak_gpu_bytes, peak_gpu_reserved_bytes, peak_host_bytes, release_host_memory
 from streamquant.plan import capture_windows, reservoir_rows
@@ -85,14 +86,19 @@ class Stats:
     r2: list[dict] = field(default_factory=list)
     blocks: list[dict] = field(default_factory=list)     # per block: seconds by stage, I/O and how much was hidden
     block: dict | None = None
+    on_stage: Callable[[str, float | None], None] | None = None   # (name, None) at start, (name, seconds) at end
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time the enclosed work as `name` and record its peaks: host RSS high-water mark so far, GPU allocated
         since the last stage; then hand what it freed back to the OS before the next stage allocates."""
+        if self.on_stage is not None:
+            self.on_stage(name, None)
         t0 = time.perf_counter()
         yield
         seconds = time.perf_counter() - t0
+        if self.on_stage is not None:
+            self.on_stage(name, seconds)
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
         if self.block is not None:
             self.block[name] = self.block.get(name, 0.0) + seconds
@@ -121,7 +127,9 @@ class Pipeline:
     """One quantization run. `run()` is the loop of the module docstring; each stage method states its inputs and
     outputs."""
 
-    def __init__(self, prepared: Prepared, on_progress: Callable[[str, int, int], None] | None = None, sink=None):
+    def __init__(self, prepared: Prepared, on_progress: Callable[[str, int, int], None] | None = None, sink=None,
+                 on_stage: Callable[[str, float | None], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None):
         self.prepared = prepared
         self.cfg, self.spec, self.index = prepared.cfg, prepared.spec, prepared.index
         self.arch, self.runtime, self.plan, self.device = prepared.spec.arch, prepared.runtime, prepared.plan, prepared.device
@@ -129,7 +137,8 @@ class Pipeline:
         self.sink = sink                      # writer: receives rotations, finished blocks, head, report
         self.engine = Engine(self.spec, self.device, prepared.dtype, self.plan.micro_batch,
                              pin=pin_host_memory(self.device))
-        self.stats = Stats(device=self.device)
+        self.stats = Stats(device=self.device, on_stage=on_stage)
+        self.should_stop = should_stop or (lambda: False)   # polled between blocks (Ctrl-C stops at a safe point)
 
     @full_fp32_matmuls()   # Hessians, QR, the Whip loss and rotations in true fp32 even if the caller enabled TF32
     def run(self) -> dict:
@@ -250,6 +259,8 @@ class Pipeline:
         stats, engine, wcfg = self.stats, self.engine, self.cfg.weight_cfg
         with BlockPrefetcher(self.index, pin=engine.pin) as prefetch:
             for i, original in prefetch.blocks(done):
+                if self.should_stop():   # blocks < i are written and in the manifest: a valid, resumable output
+                    raise Stopped(i, self.spec.num_layers)
                 stats.block = {"block": i, "forward_equivalents": 0.0}
                 weights, r2, early = self.rotate(i, original, r1, hidden)
                 del original

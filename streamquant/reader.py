@@ -23,9 +23,15 @@ from streamquant.stream import Engine
 def read_block(out: Path, i: int, spec: ModelSpec, manifest: dict) -> dict[str, torch.Tensor]:
     """A finished block as dense (dequantized) weights, names relative to the block."""
     prefix = f"{spec.arch.layer_prefix}{i}."
-    with safe_open(str(out / block_file(i)), framework="pt") as fh:
-        raw = {k.removeprefix(prefix): fh.get_tensor(k) for k in fh.keys()}
-    return decode_block(raw, spec, weight_config(manifest["run"]))
+    try:
+        with safe_open(str(out / block_file(i)), framework="pt") as fh:
+            raw = {k.removeprefix(prefix): fh.get_tensor(k) for k in fh.keys()}
+        return decode_block(raw, spec, weight_config(manifest["run"]))
+    except UserError:
+        raise
+    except Exception as exc:   # safetensors' own error types, or tensors that no longer fit the format
+        raise UserError(f"{out / block_file(i)} is corrupt ({str(exc).splitlines()[0]}); "
+                        f"`streamquant verify {out}` checks every file") from exc
 
 
 class OutputSource:

@@ -148,6 +148,9 @@ class ShardIndex:
                 with safe_open(str(file), framework="pt") as fh:
                     for key, entry in items:
                         t = fh.get_tensor(entry.name)
+                        if not all_finite(t):   # else GPTQ fails later with "Hessian not positive definite"
+                            raise UserError(f"{file.name}: tensor {entry.name} holds NaN or Inf values; the "
+                                            f"checkpoint is damaged (re-download or re-export it)")
                         out[key] = t.pin_memory() if pin else t
             except UserError:
                 raise
@@ -170,6 +173,14 @@ class ShardIndex:
         name = arch.embed if self.spec.tie_word_embeddings or arch.lm_head not in self.entries else arch.lm_head
         t = self._read({arch.final_norm: self.entries[arch.final_norm], name: self.entries[name]})
         return t[arch.final_norm], t[name]
+
+
+def all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """No NaN/Inf, checked in chunks so the temporary mask stays small beside a 1.7 GB block."""
+    if not t.is_floating_point():
+        return True
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i: i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 class BlockReader(Protocol):

@@ -37,9 +37,13 @@ def copied_files_bytes(model_dir: Path) -> int:
 
 
 def _crash_point(name: str) -> None:
-    """Fault injection for the kill tests: STREAMQUANT_CRASH_AT=<point> SIGKILLs the process right there."""
+    """Fault injection for the kill tests: STREAMQUANT_CRASH_AT=<point> SIGKILLs the process right there;
+    STREAMQUANT_SIGINT_AT=<point> sends it SIGINT (STREAMQUANT_SIGINT_COUNT times: 2 = Ctrl-C pressed twice)."""
     if os.environ.get("STREAMQUANT_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("STREAMQUANT_SIGINT_AT") == name:
+        for _ in range(int(os.environ.get("STREAMQUANT_SIGINT_COUNT", "1"))):
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def atomic_write(path: Path, write) -> None:

@@ -71,20 +71,21 @@ def test_explicit_head_dim_and_sliding_window_rules(tmp_path):
     assert read_spec(tmp_path).sliding_window == 16
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
 @pytest.mark.parametrize("extra", [{}, {"use_sliding_window": True, "sliding_window": 16},
                                    {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
                                    {"use_sliding_window": True, "sliding_window": 16,
                                     "layer_types": ["sliding_attention", "full_attention"]}])
-def test_per_layer_sliding_window_equals_transformers_layers(tmp_path, extra):
+def test_per_layer_sliding_window_equals_transformers_layers(tmp_path, model_type, extra):
     """Qwen3 windows only the layers layer_types marks (derived from max_window_layers when absent): the window
     of each layer equals the one transformers' own attention module of that layer uses."""
     from transformers import AutoConfig
 
-    cfg = write_config(tmp_path, "qwen3", **extra)
+    cfg = write_config(tmp_path, model_type, **extra)
     spec = read_spec(tmp_path)
     config = AutoConfig.for_model(**cfg)
     with torch.device("meta"):
-        theirs = [ARCHS["qwen3"].hf_class("layer")(config, layer_idx=i).self_attn.sliding_window
+        theirs = [ARCHS[model_type].hf_class("layer")(config, layer_idx=i).self_attn.sliding_window
                   for i in range(spec.num_layers)]
     assert [spec.window(i) for i in range(spec.num_layers)] == theirs
     if extra.get("max_window_layers") == 1 or "layer_types" in extra:

@@ -175,12 +175,14 @@ def test_bad_run_options_refused_before_the_output_exists(tiny_models, tmp_path,
 
 
 def test_run_prints_a_table_for_people(tiny_models, tmp_path):
-    """Without --json: scalar results in a table, nested ones named with where to find them (not cut-off JSON)."""
+    """Without --json: a summary table (seconds per stage, peak memory against the plan, output size), where the
+    per-block details are, and how to load the result (not cut-off JSON)."""
     out = tmp_path / "out"
     res = run_cli("run", str(tiny_models["llama"]), "--out", str(out), "--samples", "2", "--seqlen", "32",
                   "--method", "quarot")
     assert res.returncode == 0, res.stderr
-    assert "micro_batch" in res.stdout and '{"' not in res.stdout
+    assert "peak host memory" in res.stdout and "(plan" in res.stdout and '{"' not in res.stdout
+    assert f"streamquant eval {out}" in res.stdout
     assert f"{out / 'report.json'} or --json" in res.stdout and "blocks" in res.stdout
     blocks = json.loads((out / "report.json").read_text())["blocks"]
     assert [b["block"] for b in blocks] == list(range(len(blocks))) and blocks
@@ -193,12 +195,12 @@ def test_work_per_block_is_counted_and_bounded(tiny_models, tmp_path):
     """report.json counts each block's calibration forwards in full-block units: dart W4A4 GPTQ needs at most 3
     (R2 and q/k/v's Hessian share one pass, each pass stops at the linear it feeds); a data-free run needs none."""
     res = run_cli("run", str(tiny_models["llama"]), "--samples", "2", "--seqlen", "32", "--weights", "gptq",
-                  "--method", "dart", "--a-bits", "4", "--json")
+                  "--method", "dart", "--a-bits", "4", "--no-write", "--json")
     assert res.returncode == 0, res.stderr
     blocks = last_json(res.stdout)["blocks"]
     assert all(1.0 < b["forward_equivalents"] <= 3.0 and b["gptq_solve"] > 0 for b in blocks)
     free = run_cli("run", str(tiny_models["llama"]), "--seqlen", "32", "--method", "quarot", "--weights", "rtn",
-                   "--json")
+                   "--no-write", "--json")
     assert free.returncode == 0, free.stderr
     report = last_json(free.stdout)
     assert all(b["forward_equivalents"] == 0 for b in report["blocks"]) and "capture" not in report["stage_seconds"]

@@ -43,7 +43,7 @@ def test_whip_qr_orth_on_real_smollm2_activations(smollm2):
 
 def _run(*args: str) -> dict:
     res = run_cli("run", "smollm2-135m", "--calib", CALIB, "--eval", EVAL, "--samples", "8", "--seqlen", "256",
-                  "--eval-windows", "8", "--r2-epochs", "2", "--r1-reservoir", "64MiB", "--json", *args, timeout=1800)
+                  "--eval-windows", "8", "--r2-epochs", "2", "--r1-reservoir", "64MiB", "--no-write", "--json", *args, timeout=1800)
     assert res.returncode == 0, res.stderr
     return last_json(res.stdout)
 

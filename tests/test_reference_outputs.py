@@ -58,10 +58,11 @@ def run(code_root: Path | None, cwd: Path, args: list[str]) -> None:
 
 
 def output_bytes(out: Path) -> dict[str, bytes]:
-    """Every file but the report (wall-clock seconds) and the manifest, whose run options may gain fields; the
-    manifest's per-file hashes and block list are compared instead."""
+    """Every file but the report and run.log (wall-clock times; run.log is newer than the reference commit and not
+    in the manifest) and the manifest, whose run options may gain fields; the manifest's per-file hashes and block
+    list are compared instead."""
     files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-             if p.is_file() and p.name not in ("report.json", "streamquant_manifest.json")}
+             if p.is_file() and p.name not in ("report.json", "streamquant_manifest.json", "run.log")}
     manifest = json.loads((out / "streamquant_manifest.json").read_text())
     files["manifest:files"] = json.dumps(manifest["files"], sort_keys=True).encode()
     files["manifest:blocks"] = json.dumps(manifest["blocks"]).encode()

@@ -24,8 +24,10 @@ def run_args(model, out, *extra):
 
 
 def tree(out: Path) -> dict[str, bytes]:
-    """Every file of an output except the run report (it records wall-clock seconds)."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != "report.json"}
+    """Every file of an output except the run report and run.log (they record wall-clock times; neither is in the
+    manifest's checkpoint files)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name not in ("report.json", "run.log")}
 
 
 def hf_ppl(model_dir: Path, text: Path, seqlen: int, windows: int) -> float:
