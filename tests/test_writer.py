@@ -210,3 +210,23 @@ def test_resume_checks_identity_and_integrity(tmp_path):
     path.write_bytes(path.read_bytes()[:-1] + b"\x00")
     with pytest.raises(UserError, match="block-00000.safetensors: corrupt"):
         OutputWriter(tmp_path / "out", resume=True).begin(identity, fmt)
+
+
+def test_method_none_keeps_the_plain_model(tiny_models, tmp_path):
+    """`--method none` is the unrotated baseline: unquantized, every block tensor is the original's, norms included
+    (σ is not fused into the weights RTN/GPTQ would round)."""
+    from safetensors import safe_open
+
+    from streamquant.shards import ShardIndex
+    from streamquant.spec import read_spec
+
+    out = tmp_path / "none"
+    res = run_cli(*run_args(tiny_models["qwen2"], out, "--method", "none", "--w-bits", "16", "--a-bits", "16"))
+    assert res.returncode == 0, res.stderr
+    spec = read_spec(tiny_models["qwen2"])
+    original = ShardIndex(tiny_models["qwen2"], spec).load_block(1)
+    with safe_open(str(out / "block-00001.safetensors"), framework="pt") as fh:
+        written = {k.removeprefix("model.layers.1."): fh.get_tensor(k) for k in fh.keys()}
+    assert written.keys() == original.keys()
+    assert all(torch.equal(written[k], original[k]) for k in original)
+    assert not torch.equal(original["input_layernorm.weight"], torch.ones_like(original["input_layernorm.weight"]))
