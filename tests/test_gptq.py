@@ -159,7 +159,7 @@ def test_loss_equals_damped_quadratic_form(group_size, act_order):
     assert res.loss == pytest.approx(float(torch.einsum("ri,ij,rj->", D, Hd, D)) / 2, rel=1e-4)
 
 
-def test_hessian_is_running_average_over_tokens():
+def test_hessian_is_the_mean_over_tokens():
     torch.manual_seed(8)
     g = GPTQ(12)
     batches = [torch.randn(3, 5, 12), torch.randn(7, 12), torch.randn(2, 2, 2, 12).to(torch.bfloat16)]
@@ -167,9 +167,54 @@ def test_hessian_is_running_average_over_tokens():
         g.add_batch(b)
     x = torch.cat([b.reshape(-1, 12).double() for b in batches])
     torch.testing.assert_close(g.H.double(), 2 / x.shape[0] * x.T @ x, rtol=1e-5, atol=1e-5)
-    assert g.n_samples == 15 + 7 + 8 and g.H.dtype == torch.float32
+    assert g.n_samples == 15 + 7 + 8 and g.H.dtype == g.S.dtype == torch.float32
     with pytest.raises(ValueError, match="12"):
         g.add_batch(torch.randn(4, 13))
+
+
+def _running_mean_hessian(batches: list[torch.Tensor]) -> torch.Tensor:
+    """The previous accumulation (and the IST-DASLab reference's): H rescaled to the running mean at every batch."""
+    d = batches[0].shape[-1]
+    H, n = torch.zeros(d, d), 0
+    for b in batches:
+        H *= n / (n + b.shape[0])
+        n += b.shape[0]
+        x = b * (2.0 / n) ** 0.5
+        H.addmm_(x.t(), x)
+    return H
+
+
+@pytest.mark.parametrize("kind", ["gauss", "heavy"])
+def test_hessian_sum_matches_dense_fp64_over_many_small_batches(kind):
+    """S = Σ x xᵀ summed in fp32 and divided once: within 1e-6 of max|H| of a dense fp64 2/N XᵀX over 300 batches
+    of 1..48 rows (the running mean it replaces mostly misses that bound), and more accurate than the running mean
+    (observed 1.3–2.8× over seeds)."""
+    gen = torch.Generator().manual_seed(30)
+    d = 96
+    sizes = torch.randint(1, 49, (300,), generator=gen).tolist()
+    if kind == "gauss":
+        batches = [torch.randn(n, d, generator=gen) for n in sizes]
+    else:  # heavy tails, channels of very different scale, a non-zero mean: like LLM activations
+        torch.manual_seed(31)
+        col = torch.logspace(-1, 1.5, d)
+        batches = [torch.distributions.StudentT(3.0).sample((n, d)) * col + 0.5 for n in sizes]
+    g = GPTQ(d)
+    for b in batches:
+        g.add_batch(b)
+    x = torch.cat(batches).double()
+    ref = 2 / x.shape[0] * x.T @ x
+    assert g.n_samples == x.shape[0] == sum(sizes)
+    err_sum = float((g.H.double() - ref).abs().max() / ref.abs().max())
+    err_mean = float((_running_mean_hessian(batches).double() - ref).abs().max() / ref.abs().max())
+    assert err_sum < 1e-6, err_sum
+    assert err_sum < err_mean, (err_sum, err_mean)
+    # quantize() uses exactly this H: its loss is the damped quadratic form in the dense fp64 Hessian.
+    w = torch.randn(8, d, generator=gen)
+    res = g.quantize(w, WeightQuantConfig(bits=4), free_hessian=True)
+    D = (w - res.weight).double()
+    Hd = ref + 0.01 * ref.diag().mean() * torch.eye(d, dtype=torch.float64)
+    assert res.loss == pytest.approx(float(torch.einsum("ri,ij,rj->", D, Hd, D)) / 2, rel=1e-4)
+    assert g.S is None and g.H is None
 
 
 @pytest.mark.parametrize("group_size", [-1, 16])
@@ -299,7 +344,7 @@ def test_one_non_finite_hessian_entry_is_refused(bad):
     """One bad off-diagonal entry deep in H (the factor is checked only on its diagonal, which it must reach)."""
     g = GPTQ(32)
     g.add_batch(torch.randn(256, 32))
-    g.H[20, 7] = g.H[7, 20] = bad
+    g.S[20, 7] = g.S[7, 20] = bad
     with pytest.raises(ValueError, match="positive definite"):
         g.quantize(torch.randn(4, 32), WeightQuantConfig())
 
