@@ -26,7 +26,7 @@ deliberate choices:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -270,5 +270,5 @@ class GPTQ:
 
 
 def _per_channel(cfg: WeightQuantConfig) -> WeightQuantConfig:
-    """The same grid per row, for computing one group's qparams from its own columns."""
-    return WeightQuantConfig(bits=cfg.bits, group_size=-1, symmetric=cfg.symmetric, clip_ratio=cfg.clip_ratio)
+    """The same grid (bits, symmetry, clip ratio, MSE clip) per row, for one group's qparams from its own columns."""
+    return replace(cfg, group_size=-1)
