@@ -140,6 +140,8 @@ def run_cmd(
     group_size: int = typer.Option(-1, help="Weight group size (-1 = per output channel)."),
     w_asym: bool = typer.Option(False, "--w-asym", help="Asymmetric weights (a zero point per group) instead of symmetric."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by descending Hessian diagonal."),
+    w_clip: bool = typer.Option(False, "--w-clip", help="MSE-searched weight clipping (QuaRot w_clip)"),
+    damp: float = typer.Option(0.01, help="GPTQ dampening, relative to the mean of the Hessian diagonal."),
     a_clip: float = typer.Option(0.9, help="Activation clip ratio."),
     calib: str = typer.Option("default", help="Calibration text: file, 'default', or name[:config]:split."),
     samples: int = typer.Option(128, help="Calibration windows."),
@@ -166,7 +168,7 @@ def run_cmd(
     from streamquant.rotate.dart import R1_CONFIG, R2_CONFIG
 
     cfg = RunConfig(model=model, out=None if out is None else Path(out), method=method, w_bits=w_bits, a_bits=a_bits,
-                    kv_bits=kv_bits, weights=weights, group_size=group_size, w_symmetric=not w_asym, act_order=act_order, a_clip=a_clip, calib=calib,
+                    kv_bits=kv_bits, weights=weights, group_size=group_size, w_symmetric=not w_asym, act_order=act_order, w_clip=w_clip, damp=damp, a_clip=a_clip, calib=calib,
                     samples=samples, seqlen=seqlen, seed=seed, dtype=dtype, device=device, micro_batch=micro_batch,
                     r1_reservoir_bytes=parse_bytes(r1_reservoir), r1_train=dc_replace(R1_CONFIG, epochs=r1_epochs),
                     r2_train=dc_replace(R2_CONFIG, epochs=r2_epochs), eval=eval, eval_windows=eval_windows, format=fmt,

@@ -56,6 +56,8 @@ class RunConfig:
     group_size: int = -1
     w_symmetric: bool = True
     act_order: bool = False
+    w_clip: bool = False              # MSE-searched weight clipping (QuaRot w_clip)
+    damp: float = 0.01                # GPTQ dampening, relative to mean(diag H)
     a_clip: float = 0.9
     calib: str = "default"
     samples: int = 128
@@ -81,6 +83,8 @@ class RunConfig:
         for name, bits in (("--w-bits", self.w_bits), ("--a-bits", self.a_bits), ("--kv-bits", self.kv_bits)):
             if not (2 <= bits <= 8 or bits == 16):
                 raise UserError(f"{name} must be between 2 and 8, or 16 for off (got {bits})")
+        if not self.damp >= 0:
+            raise UserError(f"--damp must be >= 0 (got {self.damp})")
         if not 0 < self.a_clip <= 1:
             raise UserError(f"--a-clip must be in (0, 1] (got {self.a_clip})")
         if self.format not in ("auto", "pack-quantized", "streamquant"):
@@ -101,7 +105,8 @@ class RunConfig:
 
     @property
     def weight_cfg(self) -> WeightQuantConfig | None:
-        return None if self.w_bits >= 16 else WeightQuantConfig(self.w_bits, self.group_size, self.w_symmetric)
+        return None if self.w_bits >= 16 else WeightQuantConfig(self.w_bits, self.group_size, self.w_symmetric,
+                                                                mse_clip=self.w_clip)
 
 
 class Hooks:
@@ -325,7 +330,7 @@ class Pipeline:
             hooks.remove()
             for k, name in enumerate(group):
                 result = gptq.quantize(linears[name].weight.data, wcfg, act_order=self.cfg.act_order,
-                                       free_hessian=k == len(group) - 1)
+                                       damp=self.cfg.damp, free_hessian=k == len(group) - 1)
                 linears[name].weight.data = result.weight.to(linears[name].weight.dtype)
                 linears[name].codes = (result.q, result.scale, result.zero)
                 self.stats.gptq_loss.append({"layer": i, "linear": name, "loss": float(result.loss)})
