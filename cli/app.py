@@ -144,6 +144,8 @@ def run_cmd(
     group_size: Optional[int] = typer.Option(None, help="Weight group size (-1 = per output channel). [preset]"),
     w_asym: bool = typer.Option(False, "--w-asym", help="Asymmetric weights (a zero point per group) instead of symmetric."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by descending Hessian diagonal."),
+    w_clip: bool = typer.Option(False, "--w-clip", help="MSE-searched weight clipping (QuaRot w_clip)."),
+    damp: float = typer.Option(0.01, help="GPTQ dampening, relative to the mean of the Hessian diagonal."),
     a_clip: float = typer.Option(0.9, help="Activation clip ratio."),
     calib: str = typer.Option("default", help="Calibration text: file, 'default', or name[:config]:split."),
     samples: int = typer.Option(128, help="Calibration windows."),
@@ -175,7 +177,8 @@ def run_cmd(
     from streamquant.schemes import build_config, default_out
     from streamquant.stopping import SafeStop
 
-    base = RunConfig(model=model, w_symmetric=not w_asym, act_order=act_order, a_clip=a_clip, calib=calib,
+    base = RunConfig(model=model, w_symmetric=not w_asym, act_order=act_order, w_clip=w_clip, damp=damp,
+                     a_clip=a_clip, calib=calib,
                      samples=samples, seqlen=seqlen, seed=seed, dtype=dtype, device=device, micro_batch=micro_batch,
                      r1_reservoir_bytes=parse_bytes(r1_reservoir), r1_train=dc_replace(R1_CONFIG, epochs=r1_epochs),
                      r2_train=dc_replace(R2_CONFIG, epochs=r2_epochs), eval=eval, eval_windows=eval_windows,

@@ -357,7 +357,7 @@ class Pipeline:
             t0 = time.perf_counter()
             for k, name in enumerate(group):
                 result = gptq.quantize(linears[name].weight.data, wcfg, act_order=self.cfg.act_order,
-                                       free_hessian=k == len(group) - 1)
+                                       damp=self.cfg.damp, free_hessian=k == len(group) - 1)
                 linears[name].weight.data = result.weight.to(linears[name].weight.dtype)
                 codes[name] = (result.q, result.scale, result.zero)
                 losses[name] = float(result.loss)

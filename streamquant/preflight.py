@@ -43,6 +43,8 @@ class RunConfig:
     group_size: int = -1
     w_symmetric: bool = True
     act_order: bool = False
+    w_clip: bool = False              # MSE-searched weight clipping (QuaRot w_clip)
+    damp: float = 0.01                # GPTQ dampening, relative to mean(diag H)
     a_clip: float = 0.9
     calib: str = "default"
     samples: int = 128
@@ -71,6 +73,8 @@ class RunConfig:
         if self.group_size != -1 and self.group_size < 1:
             raise UserError(f"--group-size must be -1 (per channel) or a positive divisor of the linears' inputs "
                             f"(got {self.group_size})")
+        if not self.damp >= 0:
+            raise UserError(f"--damp must be >= 0 (got {self.damp})")
         if not 0 < self.a_clip <= 1:
             raise UserError(f"--a-clip must be in (0, 1] (got {self.a_clip})")
         if self.format not in FORMATS:
@@ -84,7 +88,8 @@ class RunConfig:
 
     @property
     def weight_cfg(self) -> WeightQuantConfig | None:
-        return None if self.w_bits >= 16 else WeightQuantConfig(self.w_bits, self.group_size, self.w_symmetric)
+        return None if self.w_bits >= 16 else WeightQuantConfig(self.w_bits, self.group_size, self.w_symmetric,
+                                                                mse_clip=self.w_clip)
 
     @property
     def calibrates(self) -> bool:

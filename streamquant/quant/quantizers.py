@@ -35,6 +35,8 @@ __all__ = [
     "quantize_to_grid",
     "dequantize_from_grid",
     "weight_qparams",
+    "mse_clip_qparams",
+    "MSE_CLIP_SHRINKS",
     "quantize_weight",
     "dequantize_weight",
     "fake_quantize_weight",
@@ -45,12 +47,18 @@ __all__ = [
 
 @dataclass(frozen=True)
 class WeightQuantConfig:
-    """Weight quantization: ``group_size = -1`` means one scale per output channel."""
+    """Weight quantization: ``group_size = -1`` means one scale per output channel.
+
+    ``mse_clip`` (QuaRot's ``w_clip``): instead of the plain min/max range, each (row, group) takes the shrink of its
+    range that minimises ``Σ |Q(w) − w|^2.4`` (see :func:`mse_clip_qparams`). Off by default, so outputs made
+    without it stay byte-identical.
+    """
 
     bits: int = 4
     group_size: int = -1
     symmetric: bool = True
     clip_ratio: float = 1.0
+    mse_clip: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -190,16 +198,69 @@ def _grouped(w: Tensor, cfg: WeightQuantConfig) -> Tensor:
 def weight_qparams(
     w: Tensor, cfg: WeightQuantConfig, *, scale_dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Min/max (times ``clip_ratio``) scale and zero per (row, group), both shaped ``[out, n_groups]``.
+    """Scale and zero per (row, group), both shaped ``[out, n_groups]``: from min/max (times ``clip_ratio``), or
+    with ``cfg.mse_clip`` from the error-minimising shrink of that range (:func:`mse_clip_qparams`).
 
     ``scale_dtype`` defaults to ``w.dtype``: the scale is rounded up to it (see module docstring) and both
     tensors are returned in it. Raises ValueError if ``group_size`` does not divide ``in_features``.
     """
     _check_weight(w)
     groups = _grouped(w, cfg)
+    if cfg.mse_clip:
+        return mse_clip_qparams(groups, cfg, scale_dtype or w.dtype)
     xmin = groups.amin(dim=-1) * cfg.clip_ratio
     xmax = groups.amax(dim=-1) * cfg.clip_ratio
     return qparams_from_minmax(xmin, xmax, cfg.bits, cfg.symmetric, scale_dtype or w.dtype)
+
+
+# Shrink factors tried by the MSE clip search, largest first: 1.00, 0.99, …, 0.20 (QuaRot's grid of 100 steps with
+# maxshrink 0.8, end point included). Written as ``1 - i / 100`` so a reference can rebuild the same floats.
+MSE_CLIP_SHRINKS: tuple[float, ...] = tuple(1 - i / 100 for i in range(81))
+MSE_CLIP_NORM = 2.4  # the error norm of QuaRot / the GPTQ reference's ``mse`` option
+# Elements of one row chunk: bounds the search's temporaries (a few fp32 copies of ~64 MiB) whatever the weight,
+# where a 28672×8192 down_proj searched all at once would need several 0.9 GiB temporaries.
+_MSE_CHUNK_ELEMENTS = 1 << 24
+
+
+def mse_clip_qparams(groups: Tensor, cfg: WeightQuantConfig, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """QuaRot's ``w_clip``: per (row, group) of ``groups [out, G, g]``, the scale and zero of the range
+    ``[p·min, p·max]`` (``min``/``max`` already times ``clip_ratio``) for the shrink ``p`` in
+    :data:`MSE_CLIP_SHRINKS` minimising ``Σ |Q(w) − w|^2.4`` over the group, on exactly the grid RTN and GPTQ use
+    (scale rounded up to ``scale_dtype``, ``Q(w)`` rounded to it as :func:`dequantize_weight` returns it). Outlier-dominated ranges waste most levels; shrinking trades a few
+    clipped values for a finer step everywhere else.
+
+    Vectorised over rows and groups, looping over the 81 candidates; rows are processed in chunks so memory stays
+    bounded. Ties keep the first (largest) ``p``, so the plain range wins whenever clipping does not help and the
+    result is deterministic. Returns ``[out, G]`` tensors in ``scale_dtype``.
+    """
+    work = torch.promote_types(groups.dtype, torch.float32)
+    out_features = groups.shape[0]
+    per_row = max(1, groups[0].numel())
+    chunk = max(1, _MSE_CHUNK_ELEMENTS // per_row)
+    scales, zeros = [], []
+    for r0 in range(0, out_features, chunk):
+        x = groups[r0 : r0 + chunk].to(work)
+        xmin = x.amin(dim=-1) * cfg.clip_ratio
+        xmax = x.amax(dim=-1) * cfg.clip_ratio
+        best_err = torch.full(xmin.shape, float("inf"), dtype=work, device=x.device)
+        best_scale = best_zero = None
+        for p in MSE_CLIP_SHRINKS:
+            scale, zero = qparams_from_minmax(p * xmin, p * xmax, cfg.bits, cfg.symmetric, scale_dtype)
+            s, z = scale.to(work).unsqueeze(-1), zero.to(work).unsqueeze(-1)
+            q = quantize_to_grid(x, s, z, cfg.bits, cfg.symmetric)
+            # ŵ as it is stored and used: rounded to the weight dtype (a no-op for fp32; matters for bf16).
+            w_hat = dequantize_from_grid(q, s, z).to(scale_dtype).to(work)
+            err = (w_hat - x).abs_().pow_(MSE_CLIP_NORM).sum(dim=-1)
+            if best_scale is None:
+                best_err, best_scale, best_zero = err, scale, zero
+                continue
+            better = err < best_err  # strict: on a tie the larger p (found first) stays
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+        scales.append(best_scale)
+        zeros.append(best_zero)
+    return torch.cat(scales), torch.cat(zeros)
 
 
 def _expand(p: Tensor, group_size: int, in_features: int) -> Tensor:
