@@ -120,26 +120,10 @@ class GPTQ:
         ``free_hessian``: then its memory becomes the working copy (peak two in×in fp32 matrices instead of three —
         3.3 GB each for a 70B down_proj) and this object cannot quantize again.
         """
-        if self.S is None:
-            raise ValueError("GPTQ.quantize called after free_hessian=True released the Hessian")
-        if self.n_samples == 0:
-            raise ValueError("GPTQ.quantize called before add_batch: no calibration inputs")
-        if weight.ndim != 2 or weight.shape[1] != self.in_features:
-            raise ValueError(
-                f"weight of shape {tuple(weight.shape)} does not match in_features {self.in_features}"
-            )
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if not damp >= 0:
-            raise ValueError(f"damp must be >= 0, got {damp}")
+        self._check(weight, cfg, block_size, damp)
         out_features, columns = weight.shape
         group_size = cfg.group_size
         grouped = group_size != -1
-        if grouped and columns % group_size != 0:
-            raise ValueError(
-                f"group_size {group_size} does not divide in_features {columns} of a weight of shape "
-                f"[{out_features}, {columns}]"
-            )
         static_groups = static_groups or (act_order and grouped)
         if grouped:
             block_size = max(1, block_size // group_size) * group_size
@@ -176,14 +160,66 @@ class GPTQ:
         col_group = perm if perm is not None else torch.arange(columns, device=self.device)
         col_group = (col_group // group_size if grouped else torch.zeros_like(col_group)).tolist()
 
-        L = self._damped_cholesky(H, damp)  # damps H in place
+        Hinv = self._inverse_factor(H, damp)
         del H
+        codes, losses = self._scan(W, Hinv, scales, zeros, col_group, cfg, block_size, static_groups, scale_dtype)
+        del W, Hinv
+        if perm is not None:
+            codes = codes[:, torch.argsort(perm)]
+
+        dev = weight.device
+        codes = codes.to(device=dev, dtype=code_dtype(cfg.bits, cfg.symmetric))
+        scales = scales.to(device=dev, dtype=scale_dtype)
+        zeros = zeros.to(device=dev, dtype=scale_dtype)
+        return GPTQResult(
+            q=codes,
+            scale=scales,
+            zero=zeros,
+            # The same fp32 arithmetic as the scan's ŵ (same codes, same grid), rounded once to the weight dtype.
+            weight=dequantize_weight(codes, scales, zeros, group_size).to(weight.dtype),
+            g_idx=None,
+            loss=float(losses.sum()),
+        )
+
+    def _check(self, weight: Tensor, cfg: WeightQuantConfig, block_size: int, damp: float) -> None:
+        if self.S is None:
+            raise ValueError("GPTQ.quantize called after free_hessian=True released the Hessian")
+        if self.n_samples == 0:
+            raise ValueError("GPTQ.quantize called before add_batch: no calibration inputs")
+        if weight.ndim != 2 or weight.shape[1] != self.in_features:
+            raise ValueError(
+                f"weight of shape {tuple(weight.shape)} does not match in_features {self.in_features}"
+            )
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if not damp >= 0:
+            raise ValueError(f"damp must be >= 0, got {damp}")
+        out_features, columns = weight.shape
+        if cfg.group_size != -1 and columns % cfg.group_size != 0:
+            raise ValueError(
+                f"group_size {cfg.group_size} does not divide in_features {columns} of a weight of shape "
+                f"[{out_features}, {columns}]"
+            )
+
+    def _inverse_factor(self, H: Tensor, damp: float) -> Tensor:
+        """Upper Cholesky factor of (H + λI)⁻¹: its rows carry each column's error onto the columns after it."""
+        L = self._damped_cholesky(H, damp)  # damps H in place
         Hinv = torch.cholesky_inverse(L)
         del L
         Hinv, info = torch.linalg.cholesky_ex(Hinv, upper=True)
         if info.item() != 0:
             raise ValueError(f"GPTQ: inverse Hessian lost positive definiteness in fp32; retry with damp > {damp}")
+        return Hinv
 
+    def _scan(self, W: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, col_group: list[int],
+              cfg: WeightQuantConfig, block_size: int, static_groups: bool, scale_dtype: torch.dtype
+              ) -> tuple[Tensor, Tensor]:
+        """The column scan with lazy block updates (the reference's ``fasterquant`` loop): quantize column by
+        column, push each rounding error onto the later columns; dynamic groups take their grid from the updated
+        weights at their first column. Fills ``scales``/``zeros``; returns the codes and each row's loss."""
+        out_features, columns = W.shape
+        group_size = cfg.group_size
+        grouped = group_size != -1
         codes = torch.zeros_like(W)
         losses = torch.zeros(out_features, device=self.device)
 
@@ -219,24 +255,7 @@ class GPTQ:
 
             codes[:, i1:i2] = C1
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-
-        del W, Hinv
-        if perm is not None:
-            codes = codes[:, torch.argsort(perm)]
-
-        dev = weight.device
-        codes = codes.to(device=dev, dtype=code_dtype(cfg.bits, cfg.symmetric))
-        scales = scales.to(device=dev, dtype=scale_dtype)
-        zeros = zeros.to(device=dev, dtype=scale_dtype)
-        return GPTQResult(
-            q=codes,
-            scale=scales,
-            zero=zeros,
-            # The same fp32 arithmetic as the scan's ŵ (same codes, same grid), rounded once to the weight dtype.
-            weight=dequantize_weight(codes, scales, zeros, group_size).to(weight.dtype),
-            g_idx=None,
-            loss=float(losses.sum()),
-        )
+        return codes, losses
 
     @staticmethod
     def _damped_cholesky(H: Tensor, damp: float) -> Tensor:
