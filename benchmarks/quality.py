@@ -5,7 +5,9 @@ own process; the table is appended to RESULTS.md with the exact command.
     python benchmarks/quality.py --model smollm2-135m --calib ../shared/data/wikitext-2/valid.txt \
         --eval ../shared/data/wikitext-2/test.txt --seqlen 512 --samples 16 --eval-windows 20 \
         --rows none/rtn/4/4/16 quarot/rtn/4/4/16 dart/rtn/4/4/16
-A row is method/weights/w_bits/a_bits/kv_bits[/group_size].
+A row is method/weights/w_bits/a_bits/kv_bits[/group_size]. The defaults are the project's quality protocol
+(SmolLM2-135M, calib valid.txt 16 × 512, seed 0, the first 8 windows of 512 of test.txt, fp32); `--extra` passes
+further run options (e.g. `--extra=--w-clip`).
 """
 from __future__ import annotations
 
@@ -26,10 +28,11 @@ def main() -> None:
     p.add_argument("--eval", default="../shared/data/wikitext-2/test.txt")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--eval-windows", type=int, default=20)
+    p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows", nargs="+", required=True)
     p.add_argument("--title", default="Quality")
+    p.add_argument("--extra", default="", help="more `streamquant run` options, space separated")
     args = p.parse_args()
     exe = Path(sys.executable).with_name("streamquant")
     results = []
@@ -38,7 +41,7 @@ def main() -> None:
         cmd = [str(exe), "run", args.model, "--method", method, "--weights", weights, "--w-bits", w, "--a-bits", a,
                "--kv-bits", kv, "--group-size", group[0] if group else "-1", "--calib", args.calib,
                "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
-               "--eval", args.eval, "--eval-windows", str(args.eval_windows), "--no-write", "--json"]
+               "--eval", args.eval, "--eval-windows", str(args.eval_windows), "--dtype", "float32", *args.extra.split(), "--no-write", "--json"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             print(done.stderr, file=sys.stderr)

@@ -96,6 +96,10 @@ class Engine:
             self._pos_cache[seqlen] = self._rotary(probe, pos)
         return self._pos_cache[seqlen]
 
+    def layer_mask(self, layer: nn.Module, seqlen: int) -> torch.Tensor | None:
+        """The mask of this layer: its own sliding window where the architecture windows layers one by one."""
+        return self.attention_mask(seqlen, getattr(layer, "sq_window", self.spec.sliding_window))
+
     def attention_mask(self, seqlen: int, window: int | None) -> torch.Tensor | None:
         """None lets SDPA use its causal kernel; a sliding window shorter than the sequence needs an explicit mask."""
         if not window or seqlen <= window:
@@ -124,8 +128,7 @@ class Engine:
     def run_block(self, layer: nn.Module, hidden: torch.Tensor) -> None:
         """hidden <- layer(hidden), in place, micro-batch by micro-batch."""
         seqlen = hidden.shape[1]
-        window = getattr(layer, "sq_window", self.spec.sliding_window)   # per layer where the architecture says so
-        pos, mask = self.position_embeddings(seqlen), self.attention_mask(seqlen, window)
+        pos, mask = self.position_embeddings(seqlen), self.layer_mask(layer, seqlen)
         for sl in self.micro_batches(hidden.shape[0]):
             x = hidden[sl].to(self.device, non_blocking=True)
             y = layer(x, attention_mask=mask, position_embeddings=pos)
@@ -136,7 +139,7 @@ class Engine:
         """Run the block over every sample for its hooks' sake, leaving `hidden` untouched; with `stop_at`, each
         micro-batch stops as soon as that module is about to run (hooks registered on it before still fire)."""
         seqlen = hidden.shape[1]
-        pos, mask = self.position_embeddings(seqlen), self.attention_mask(seqlen)
+        pos, mask = self.position_embeddings(seqlen), self.layer_mask(layer, seqlen)
         handle = stop_at.register_forward_pre_hook(_stop) if stop_at is not None else None
         try:
             for sl in self.micro_batches(hidden.shape[0]):
