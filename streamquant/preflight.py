@@ -98,7 +98,7 @@ class RunConfig:
                             f"--format streamquant for --a-bits {self.a_bits} --a-clip {self.a_clip}"
                             f"{'' if self.a_symmetric else ' asymmetric'}")
         want = 4 if fmt == "pack-quantized" else 8
-        if self.w_bits != want:
+        if self.w_bits not in (want, 16):   # 16: linears stay dense (as --format pack-quantized always allowed)
             raise UserError(f"--format {fmt} holds {want}-bit weights (got --w-bits {self.w_bits}); "
                             f"{'int-quantized' if self.w_bits == 8 else 'pack-quantized'} holds "
                             f"{8 if want == 4 else 4}-bit weights")
