@@ -147,6 +147,8 @@ def run_cmd(
     w_clip: bool = typer.Option(False, "--w-clip", help="MSE-searched weight clipping (QuaRot w_clip)."),
     damp: float = typer.Option(0.01, help="GPTQ dampening, relative to the mean of the Hessian diagonal."),
     a_clip: float = typer.Option(0.9, help="Activation clip ratio."),
+    a_symmetric: bool = typer.Option(False, "--a-symmetric", help="Symmetric per-token activations (what int-quantized/pack-quantized A8 exports express, with --a-bits 8 --a-clip 1)."),
+    r4_online: bool = typer.Option(False, "--r4-online", help="pack-/int-quantized: R4 online as a transform_config (vLLM TP=1 and streamquant.load apply it; plain transformers does not)."),
     calib: str = typer.Option("default", help="Calibration text: file, 'default', or name[:config]:split."),
     samples: int = typer.Option(128, help="Calibration windows."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration (and evaluation) window."),
@@ -164,7 +166,7 @@ def run_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or progress lines (run.log is still written)."),
     gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU memory budget, e.g. 23GiB: fits the micro-batch, caps CUDA."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the scheme, output directory and memory plan (the same as `plan` with these options) and exit; reads config, headers and tokenizer, writes nothing."),
-    fmt: str = typer.Option("auto", "--format", help="auto, pack-quantized (W4A16, loads in transformers/vLLM), streamquant."),
+    fmt: str = typer.Option("auto", "--format", help="auto, pack-quantized (W4A16/W4A8), int-quantized (W8A8): compressed-tensors for transformers/vLLM; streamquant (R3, KV, asymmetric or clipped activations)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
 ) -> None:
     """Quantize: capture → calibrate R1 → per block rotate, calibrate R2, quantize, write."""
@@ -178,7 +180,7 @@ def run_cmd(
     from streamquant.stopping import SafeStop
 
     base = RunConfig(model=model, w_symmetric=not w_asym, act_order=act_order, w_clip=w_clip, damp=damp,
-                     a_clip=a_clip, calib=calib,
+                     a_clip=a_clip, calib=calib, a_symmetric=a_symmetric, r4_online=r4_online,
                      samples=samples, seqlen=seqlen, seed=seed, dtype=dtype, device=device, micro_batch=micro_batch,
                      r1_reservoir_bytes=parse_bytes(r1_reservoir), r1_train=dc_replace(R1_CONFIG, epochs=r1_epochs),
                      r2_train=dc_replace(R2_CONFIG, epochs=r2_epochs), eval=eval, eval_windows=eval_windows,

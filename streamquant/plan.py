@@ -45,6 +45,7 @@ class Workload:
     held_text_bytes: int = 0          # what stays resident meanwhile: the whole calibration text and its token ids
     group_size: int = -1              # weight scales per group of input columns (-1: one per output channel)
     w_asym: bool = False              # asymmetric weights also store packed zero points
+    r4_stored: bool = False           # compressed-tensors export with R4 online: a dense fp32 R4 per block
 
 
 @dataclass
@@ -225,10 +226,15 @@ def output_bytes(spec, work: Workload, b: int) -> int:
                 continue
             rows, cols = shape
             groups = 1 if work.group_size <= 0 else -(-cols // work.group_size)
+            if work.w_bits == 8:                                        # int-quantized: int8 weight, weight_scale
+                block += rows * cols + rows * groups * b
+                continue
             block += rows * -(-cols // 8) * 4 + rows * groups * b + 16  # weight_packed, weight_scale, weight_shape
             if work.w_asym:
                 block += -(-rows // 8) * groups * 4                    # weight_zero_point
     rotations = 0 if work.method == "none" else (h * h + L * spec.num_kv_heads * spec.head_dim ** 2) * 8
+    if work.r4_stored:
+        block += spec.dims()[spec.arch.linear(spec.arch.r4).inp] ** 2 * 4   # <down_proj>.R4_input.weight, fp32
     return L * block + 2 * v * h * b + h * b + rotations
 
 

@@ -17,7 +17,7 @@ from streamquant import __version__
 from streamquant.data import BYTES_PER_TOKEN, CALIB_PIECE_CHARS, load_tokenizer, text_bytes
 from streamquant.device import (cap_gpu_memory, free_gpu_bytes, resolve_device, resolve_dtype, warm_up)
 from streamquant.errors import UserError
-from streamquant.formats import FORMATS, OutputFormat, resolve_format
+from streamquant.formats import COMPRESSED_TENSORS, FORMATS, OutputFormat, exportable_activations, resolve_format
 from streamquant.memory import current_host_bytes, return_freed_memory_to_os
 from streamquant.plan import Plan, Workload, check_room, fit_micro_batch
 from streamquant.qblock import Runtime
@@ -46,6 +46,8 @@ class RunConfig:
     w_clip: bool = False              # MSE-searched weight clipping (QuaRot w_clip)
     damp: float = 0.01                # GPTQ dampening, relative to mean(diag H)
     a_clip: float = 0.9
+    a_symmetric: bool = False         # symmetric per-token activations (what compressed-tensors/vLLM int8 express)
+    r4_online: bool = False           # compressed-tensors formats: R4 online (transform_config), its inverse fused
     calib: str = "default"
     samples: int = 128
     seqlen: int = 2048
@@ -59,7 +61,7 @@ class RunConfig:
     r2_train: RotationTrainConfig = field(default_factory=lambda: replace(R2_CONFIG))
     eval: str | None = None
     eval_windows: int | None = None
-    format: str = "auto"              # auto | pack-quantized | streamquant
+    format: str = "auto"              # auto | pack-quantized | int-quantized | streamquant
     gpu_mem: int | None = None        # bytes; the planner fits the micro-batch to it and CUDA is capped to it
 
     def check(self) -> None:
@@ -78,13 +80,43 @@ class RunConfig:
         if not 0 < self.a_clip <= 1:
             raise UserError(f"--a-clip must be in (0, 1] (got {self.a_clip})")
         if self.format not in FORMATS:
-            raise UserError(f"--format must be auto, pack-quantized or streamquant (got {self.format!r})")
-        if self.format == "pack-quantized" and (self.a_bits < 16 or self.kv_bits < 16):
-            raise UserError("--format pack-quantized holds weight-only (W4A16) models; activation or KV quantization "
-                            "needs online transforms: use --format streamquant (or auto)")
-        if self.out is not None and self.w_bits not in (4, 16):
-            raise UserError(f"the checkpoint writer packs 4-bit weights (or keeps 16-bit); --w-bits {self.w_bits} "
-                            f"can be evaluated without --out")
+            raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {self.format!r})")
+        if self.r4_online and self.method == "none":
+            raise UserError("--r4-online needs a rotation (--method dart or quarot): R4's inverse is fused with them")
+        fmt = self.resolved_format
+        if fmt in COMPRESSED_TENSORS:
+            self._check_compressed_tensors(fmt)
+        if self.out is not None and fmt == "streamquant" and self.w_bits not in (4, 16):
+            raise UserError(f"the streamquant format packs 4-bit weights (or keeps 16-bit); --w-bits 8 is written as "
+                            f"--format int-quantized (with --a-bits 16, or 8 --a-symmetric --a-clip 1); "
+                            f"--w-bits {self.w_bits} can be evaluated without --out")
+
+    def _check_compressed_tensors(self, fmt: str) -> None:
+        """A compressed-tensors export must describe exactly what the run computes: refuse what it cannot say."""
+        if self.kv_bits < 16:
+            raise UserError(f"--format {fmt} has no KV-cache quantization with online R3: use --format streamquant "
+                            f"(or auto) for --kv-bits {self.kv_bits}")
+        if self.a_bits < 16 and not exportable_activations(self.act_cfg):
+            raise UserError(f"--format {fmt} quantizes activations only as int8, symmetric, dynamic per token, "
+                            f"unclipped: pass --a-bits 8 --a-symmetric --a-clip 1 (or --a-bits 16), or use "
+                            f"--format streamquant for --a-bits {self.a_bits} --a-clip {self.a_clip}"
+                            f"{'' if self.a_symmetric else ' asymmetric'}")
+        want = 4 if fmt == "pack-quantized" else 8
+        if self.w_bits not in (want, 16):   # 16: linears stay dense (as --format pack-quantized always allowed)
+            raise UserError(f"--format {fmt} holds {want}-bit weights (got --w-bits {self.w_bits}); "
+                            f"{'int-quantized' if self.w_bits == 8 else 'pack-quantized'} holds "
+                            f"{8 if want == 4 else 4}-bit weights")
+        if fmt == "int-quantized" and not self.w_symmetric:
+            raise UserError("--format int-quantized holds symmetric 8-bit weights (no --w-asym)")
+
+    @property
+    def act_cfg(self) -> ActQuantConfig:
+        return ActQuantConfig(bits=self.a_bits, clip_ratio=self.a_clip, symmetric=self.a_symmetric)
+
+    @property
+    def resolved_format(self) -> str:
+        return resolve_format(self.format, self.w_bits, self.a_bits, self.kv_bits,
+                              exportable_activations(self.act_cfg))
 
     @property
     def weight_cfg(self) -> WeightQuantConfig | None:
@@ -109,7 +141,9 @@ class RunConfig:
                         weights=self.weights, w_bits=self.w_bits, a_bits=self.a_bits,
                         r1_reservoir_bytes=self.r1_reservoir_bytes, r2_tokens=self.r2_tokens, text_bytes=max(texts),
                         held_text_bytes=int(calib_bytes * (1 + 8 / BYTES_PER_TOKEN)),
-                        group_size=self.group_size, w_asym=not self.w_symmetric)
+                        group_size=self.group_size, w_asym=not self.w_symmetric,
+                        r4_stored=self.r4_online and self.method != "none"
+                        and self.resolved_format in COMPRESSED_TENSORS)
 
 
 @dataclass
@@ -166,13 +200,14 @@ def prepare(cfg: RunConfig, plan_only: bool = False) -> Prepared:
         if cfg.gpu_mem is not None:
             cap_gpu_memory(device, cfg.gpu_mem)
     rotated = cfg.method != "none"
-    fmt_name = resolve_format(cfg.format, cfg.w_bits, cfg.a_bits, cfg.kv_bits)
-    online = fmt_name == "streamquant"   # pack-quantized runtimes apply no online transform: R1/R2 only
+    fmt_name = cfg.resolved_format
+    online = fmt_name == "streamquant"   # compressed-tensors exports: R1/R2 only, unless R4 online is asked for
     runtime = Runtime(
         r3_seed=cfg.seed + 3 if rotated and online and cfg.kv_bits < 16 else None,  # R3 matters for KV quant only
-        r4_seed=cfg.seed + 4 if rotated and online else None,
-        act=ActQuantConfig(bits=cfg.a_bits, clip_ratio=cfg.a_clip),
+        r4_seed=cfg.seed + 4 if rotated and (online or cfg.r4_online) else None,
+        act=cfg.act_cfg,     # compressed-tensors formats: exactly the quantizer the export describes (checked)
         kv_bits=cfg.kv_bits,
+        r4_stored=rotated and cfg.r4_online and fmt_name in COMPRESSED_TENSORS,
     )
     fmt = OutputFormat(fmt_name, spec, cfg.weight_cfg, runtime, dtype)
     return Prepared(cfg, model_dir, spec, index, device, dtype, tokenizer, plan, fmt, runtime)

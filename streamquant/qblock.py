@@ -17,6 +17,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from streamquant.kernels.hadamard import OnlineHadamard
+from streamquant.quant.pack import to_transform_weight
 from streamquant.quant.quantizers import ActQuantConfig, fake_quantize_activation, fake_quantize_kv
 from streamquant.arch import ArchMap
 from streamquant.spec import ModelSpec
@@ -33,23 +34,45 @@ class Runtime:
     act: ActQuantConfig = ActQuantConfig()
     kv_bits: int = 16
     kv_clip: float = 1.0
+    r4_stored: bool = False         # R4 applied as compressed-tensors applies its stored transform weight (exports)
 
     def to_json(self) -> dict:
-        return {"r3_seed": self.r3_seed, "r4_seed": self.r4_seed, "a_bits": self.act.bits,
-                "a_clip": self.act.clip_ratio, "a_symmetric": self.act.symmetric,
-                "kv_bits": self.kv_bits, "kv_clip": self.kv_clip}
+        d = {"r3_seed": self.r3_seed, "r4_seed": self.r4_seed, "a_bits": self.act.bits,
+             "a_clip": self.act.clip_ratio, "a_symmetric": self.act.symmetric,
+             "kv_bits": self.kv_bits, "kv_clip": self.kv_clip}
+        return d | {"r4_stored": True} if self.r4_stored else d   # absent when off: older outputs read the same
 
     @classmethod
     def from_json(cls, d: dict) -> "Runtime":
         return cls(d["r3_seed"], d["r4_seed"], ActQuantConfig(bits=d["a_bits"], clip_ratio=d["a_clip"],
-                                                              symmetric=d["a_symmetric"]), d["kv_bits"], d["kv_clip"])
+                                                              symmetric=d["a_symmetric"]), d["kv_bits"], d["kv_clip"],
+                   d.get("r4_stored", False))
+
+
+class StoredTransform:
+    """An online transform exactly as compressed-tensors' HadamardTransform applies the exported weight
+    `W = sqrt(n)·R` (quant.pack.to_transform_weight): `(x in fp32 @ W) / sqrt(n)`, back to x's dtype. A run that
+    exports R4 computes with this rather than the fast transform, so that an activation quantizer after it rounds
+    the same values the loaded export rounds (fp32 differences of 1e-7 flip int8 codes otherwise)."""
+
+    def __init__(self, hadamard: OnlineHadamard):
+        self.n = hadamard.n
+        self.weight = to_transform_weight(hadamard.matrix())
+        self._scale = torch.tensor(self.n, dtype=torch.float64).sqrt()
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._on.get(x.device)
+        if w is None:
+            w = self._on[x.device] = self.weight.to(x.device)
+        return ((x.to(w.dtype) @ w) / self._scale).to(x.dtype)
 
 
 class QLinear(nn.Module):
     """input transform -> activation quantizer -> linear. The weight is already rotated/quantized offline."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act: ActQuantConfig,
-                 transform: OnlineHadamard | None = None):
+                 transform: OnlineHadamard | StoredTransform | None = None):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -91,6 +114,7 @@ def install_runtime(layer: nn.Module, spec: ModelSpec, runtime: Runtime) -> nn.M
         transform = None
         if name == arch.r4 and runtime.r4_seed is not None:
             transform = OnlineHadamard(old.in_features, runtime.r4_seed)
+            transform = StoredTransform(transform) if runtime.r4_stored else transform
         setattr(parent, attr, QLinear(old.weight.data, None if old.bias is None else old.bias.data, runtime.act, transform))
     attn = layer.get_submodule(arch.attention)
     attn.sq_r3 = OnlineHadamard(spec.head_dim, runtime.r3_seed) if runtime.r3_seed is not None else None

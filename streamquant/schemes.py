@@ -1,4 +1,5 @@
-"""Scheme presets: `--scheme w4a16` (the default), `w4a4` (the paper), `w4a4kv4`, so one name replaces six flags.
+"""Scheme presets: `--scheme w4a16` (the default), `w4a16-r4`, `w8a8`, `w4a8` (servable compressed-tensors
+exports), `w4a4` (the paper), `w4a4kv4`, so one name replaces six flags.
 
 A preset fills only the options the user did not give; an explicit `--w-bits`, `--a-bits`, `--kv-bits`,
 `--weights`, `--group-size` or `--method` always wins, so a command that names every option does exactly what it did
@@ -8,7 +9,7 @@ The result is a RunConfig of concrete values: nothing downstream knows presets e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +31,21 @@ class Scheme:
     weights: str
     group_size: int
     summary: str
+    export: dict[str, Any] = field(default_factory=dict)   # what the scheme's serving format requires, applied as is
 
 
 SCHEMES = {s.name: s for s in (
     Scheme("w4a16", "dart", 4, 16, 16, "gptq", AUTO_GROUP, "INT4 GPTQ weights, 16-bit activations (servable)"),
+    Scheme("w4a16-r4", "dart", 4, 16, 16, "gptq", AUTO_GROUP, "w4a16 with R4 online on down_proj's input "
+           "(compressed-tensors transform_config: vLLM, or streamquant.load)", {"r4_online": True}),
+    Scheme("w8a8", "dart", 8, 8, 16, "gptq", -1, "INT8 per-channel weights, dynamic symmetric per-token INT8 "
+           "activations (int-quantized)", {"a_symmetric": True, "a_clip": 1.0}),
+    Scheme("w4a8", "dart", 4, 8, 16, "gptq", AUTO_GROUP, "INT4 weights, dynamic symmetric per-token INT8 "
+           "activations (pack-quantized)", {"a_symmetric": True, "a_clip": 1.0}),
     Scheme("w4a4", "dart", 4, 4, 16, "gptq", -1,
            "the paper: per-channel INT4 GPTQ weights, asymmetric per-token INT4 activations"),
     Scheme("w4a4kv4", "dart", 4, 4, 4, "gptq", -1, "w4a4 plus an INT4 KV cache"),
 )}
-# Names people will type that need output formats not built yet (another issue): refused with one line, not a
-# silent fallback to something else.
-PENDING = ("w4a16-r4", "w8a8", "w4a8")
 DEFAULT = "w4a16"
 
 
@@ -62,9 +67,6 @@ class Choice:
 def pick_scheme(name: str | None, given: dict[str, Any]) -> tuple[Scheme, str]:
     """The preset named, or inferred from the bits given; refuses unknown and not-yet-available names."""
     if name is not None:
-        if name in PENDING:
-            raise UserError(f"--scheme {name} needs the export issue; not available yet "
-                            f"(available: {', '.join(SCHEMES)})")
         if name not in SCHEMES:
             raise UserError(f"--scheme must be one of {', '.join(SCHEMES)} (got {name!r})")
         return SCHEMES[name], "--scheme"
@@ -101,7 +103,7 @@ def build_config(cfg: RunConfig, scheme: str | None, given: dict[str, Any]) -> t
     note = ""
     if given.get("group_size") is None and preset.group_size == AUTO_GROUP:   # an explicit 0 stays 0 (refused)
         values["group_size"], note = auto_group_size(linear_inputs(cfg.model)) if values["w_bits"] < 16 else (-1, "")
-    return replace(cfg, **values), Choice(preset.name, source, note)
+    return replace(cfg, **values, **preset.export), Choice(preset.name, source, note)
 
 
 def model_name(model: str) -> str:

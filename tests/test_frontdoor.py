@@ -43,9 +43,13 @@ def test_presets_fill_only_what_was_not_given(tiny_models):
     assert choice.scheme == "w4a4" and cfg.group_size == -1 and cfg.kv_bits == 16
     cfg, choice = build_config(base, "w4a4kv4", none)
     assert (cfg.a_bits, cfg.kv_bits, cfg.group_size) == (4, 4, -1)
-    for name in ("w4a16-r4", "w8a8", "w4a8"):
-        with pytest.raises(UserError, match="needs the export issue; not available yet"):
-            build_config(base, name, none)
+    # the serving presets carry what their compressed-tensors format requires
+    cfg, _ = build_config(base, "w4a16-r4", none)
+    assert (cfg.w_bits, cfg.a_bits, cfg.group_size, cfg.r4_online) == (4, 16, 32, True)
+    cfg, _ = build_config(base, "w8a8", none)
+    assert (cfg.w_bits, cfg.a_bits, cfg.group_size, cfg.a_symmetric, cfg.a_clip) == (8, 8, -1, True, 1.0)
+    cfg, _ = build_config(base, "w4a8", none)
+    assert (cfg.w_bits, cfg.a_bits, cfg.a_symmetric, cfg.a_clip) == (4, 8, True, 1.0)
     with pytest.raises(UserError, match="--scheme must be one of"):
         build_config(base, "w3a3", none)
 
@@ -70,7 +74,7 @@ def test_dry_run_alone_shows_preset_group_and_default_output(tiny_models):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--scheme", "w8a8"], "--scheme w8a8 needs the export issue; not available yet"),
+    (["--scheme", "w9a9"], "--scheme must be one of w4a16, w4a16-r4, w8a8, w4a8, w4a4, w4a4kv4"),
     (["--group-size", "0"], "--group-size must be -1 (per channel) or a positive divisor"),
 ])
 def test_bad_scheme_options_are_one_line(tiny_models, tmp_path, args, message):

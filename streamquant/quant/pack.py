@@ -12,6 +12,7 @@ stores signed codes and zero points and dequantizes ``(q − zp) · scale``. Sub
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -26,6 +27,11 @@ __all__ = [
     "unpack_zero_point",
     "to_compressed_tensors",
     "compressed_tensors_weight_args",
+    "compressed_tensors_input_args",
+    "to_int_quantized",
+    "from_int_quantized",
+    "to_transform_weight",
+    "from_transform_weight",
 ]
 
 _PER_WORD = 8  # int4 values per int32
@@ -131,6 +137,53 @@ def compressed_tensors_weight_args(cfg: WeightQuantConfig) -> dict[str, Any]:
         "actorder": None,
         "observer": "minmax",
     }
+
+
+def compressed_tensors_input_args(bits: int) -> dict[str, Any]:
+    """The ``input_activations`` entry of a scheme: dynamic, symmetric, per token, no clip. This is the only
+    activation quantizer compressed-tensors (and vLLM's int8 kernels) express, so a run that exports it must
+    compute with exactly it (``ActQuantConfig(bits, clip_ratio=1.0, symmetric=True)``): its grid
+    ``scale = amax / ((2^b − 1) / 2)`` is ours (``quantizers.qparams_from_minmax``)."""
+    return {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "token", "group_size": None,
+            "dynamic": True, "actorder": None, "observer": None}
+
+
+def to_int_quantized(result_q: Tensor, scale: Tensor, zero: Tensor, cfg: WeightQuantConfig) -> dict[str, Tensor]:
+    """One Linear's tensors for compressed-tensors ``int-quantized`` (W8A8): ``weight`` int8 codes ``[out, in]``
+    and ``weight_scale`` ``[out, G]`` in the scale's dtype (``[out, 1]`` per channel). Symmetric only: the
+    format dequantizes ``q · scale`` when the scheme says symmetric (no zero point stored)."""
+    if cfg.bits != 8 or not cfg.symmetric:
+        raise ValueError(f"int-quantized export holds symmetric 8-bit weights, got bits={cfg.bits}, "
+                         f"symmetric={cfg.symmetric}")
+    if zero.numel() and bool((zero != 0).any()):
+        raise ValueError("symmetric quantization must have zero == 0")
+    qmin, qmax = code_range(cfg.bits, True)
+    if result_q.numel() and (int(result_q.min()) < qmin or int(result_q.max()) > qmax):
+        raise ValueError(f"codes outside [{qmin}, {qmax}] for 8-bit symmetric weights")
+    return {"weight": result_q.to(torch.int8).contiguous(), "weight_scale": scale.contiguous()}
+
+
+def from_int_quantized(tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of :func:`to_int_quantized`: codes, scale and (zero) zero ``[out, G]``."""
+    scale = tensors["weight_scale"]
+    return tensors["weight"].to(torch.int8), scale, torch.zeros_like(scale)
+
+
+def to_transform_weight(matrix: Tensor) -> Tensor:
+    """An orthonormal ``y = x @ matrix`` as compressed-tensors stores a (random-)hadamard transform weight.
+
+    compressed-tensors' ``HadamardTransform`` computes ``(x @ W) / sqrt(n)`` in ``W``'s dtype, and vLLM divides the
+    loaded ``W`` by ``sqrt(n)`` and multiplies the same way, so ``W = sqrt(n) · matrix``: the unnormalised ±1
+    Hadamard (exact in fp32, and in the bf16 vLLM loads it in, whenever ``matrix`` is a true Hadamard). Returned in
+    fp32, the scheme's ``precision``, computed in fp64 and rounded once.
+    """
+    n = matrix.shape[0]
+    return (matrix.to(torch.float64) * math.sqrt(n)).to(torch.float32).contiguous()
+
+
+def from_transform_weight(weight: Tensor) -> Tensor:
+    """Inverse of :func:`to_transform_weight`: the matrix a loader applies (fp64)."""
+    return weight.to(torch.float64) / math.sqrt(weight.shape[0])
 
 
 def from_compressed_tensors(tensors: dict[str, Tensor], cfg: WeightQuantConfig) -> tuple[Tensor, Tensor, Tensor]:
