@@ -16,7 +16,9 @@ from conftest import last_json, make_tiny_model, run_cli
 from test_writer import run_args, tree
 
 NEW = ["qwen3", "phi3"]
-W4A4 = ["--a-bits", "4", "--weights", "gptq"]
+# the default R1/R2 training (10 and 5 epochs of 10 minibatches) rather than run_args' 2 and 1: 20 R1 steps are too
+# few for a rotation to beat no rotation reliably
+W4A4 = ["--a-bits", "4", "--weights", "gptq", "--r1-epochs", "10", "--r2-epochs", "5"]
 
 
 @pytest.fixture(scope="module")
