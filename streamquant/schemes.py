@@ -103,7 +103,7 @@ def build_config(cfg: RunConfig, scheme: str | None, given: dict[str, Any]) -> t
     note = ""
     if given.get("group_size") is None and preset.group_size == AUTO_GROUP:   # an explicit 0 stays 0 (refused)
         values["group_size"], note = auto_group_size(linear_inputs(cfg.model)) if values["w_bits"] < 16 else (-1, "")
-    return replace(cfg, **values, **preset.export), Choice(preset.name, source, note)
+    return replace(cfg, **values, **(preset.export if source == "--scheme" else {})), Choice(preset.name, source, note)
 
 
 def model_name(model: str) -> str:

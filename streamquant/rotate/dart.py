@@ -148,8 +148,8 @@ class RotationTrainResult:
 # A fixed step count, as the reference makes (~100 steps of large batches): each step is one n×n QR, so 1,820
 # steps of 64 rows cost SmolLM2's R1 47 s; 100 steps of ~1,160 rows cost a few seconds, and measured on the quality
 # protocol (SmolLM2 dart W4A16 GPTQ g64) the PPL went from 30.48 to 29.83 (benchmarks/RESULTS.md).
-R1_CONFIG = RotationTrainConfig(epochs=10, batch_size=64, batches_per_epoch=10)
-R2_CONFIG = RotationTrainConfig(epochs=5, batch_size=128, batches_per_epoch=10)
+R1_CONFIG = RotationTrainConfig(epochs=10, batch_size=64)   # batches_per_epoch=10 measured better at W4A16 but
+R2_CONFIG = RotationTrainConfig(epochs=5, batch_size=128)   # lost dart < quarot at W4A4 (test_quality): not the default yet
 
 EVAL_ROWS = 65536
 _EVAL_CHUNK = 8192
