@@ -111,6 +111,9 @@ def info_cmd(
         "block_bytes": blocks[0] if len(set(blocks)) == 1 else blocks,
         "max_block_bytes": max(blocks), "total_bytes": index.total_bytes(),
     }
+    if spec.num_experts:   # a MoE block: the bytes above hold all its experts
+        result |= {"experts": spec.num_experts, "experts_per_token": spec.experts_per_token,
+                   "expert_intermediate_size": spec.expert_intermediate_size}
     emit(result, as_json, "streamquant info")
 
 

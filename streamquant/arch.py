@@ -11,11 +11,13 @@ Adding an architecture is one entry here plus its test fixture.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Symbolic sizes a shape is written in; `ModelSpec.dims()` gives their values for one checkpoint.
 HIDDEN, INTERMEDIATE, Q, KV, HEAD_DIM = "hidden", "intermediate", "q", "kv", "head_dim"
 QKV, GATE_UP = "qkv", "gate_up"   # fused linears' outputs: q, k and v rows stacked; gate and up rows stacked
+EXPERTS, EXPERT_INTERMEDIATE = "experts", "expert_intermediate"   # MoE: router rows; one expert's MLP width
+EXPERT = "{e}"   # in a MoE map's names: the expert index, expanded per checkpoint (ArchMap.with_experts)
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,30 @@ class BiasRule:
 
 
 @dataclass(frozen=True)
+class MoeMap:
+    """A sparse MoE MLP: a router Linear reading the normalised residual picks the top-k experts per token (softmax,
+    then top-k, renormalised when `normalize_key` says so); each expert is a SwiGLU MLP whose output is weighted by
+    its routing probability. streamquant runs it as an expert loop over per-expert Linears (streamquant.moe) under
+    the checkpoint's own names, so per-expert hooks see exactly the tokens routed to each expert."""
+
+    module: str              # the MoE module's name in checkpoints, relative to the block (Mixtral: block_sparse_moe)
+    layer_attr: str          # the attribute transformers' decoder layer calls it by (mlp)
+    router: str              # the router Linear, relative to `module`: it stays 16-bit
+    gate: str                # per-expert linears, relative to `{module}.experts.{e}`: act(gate(x)) * up(x) → down
+    up: str
+    down: str
+    experts_keys: tuple[str, ...]   # config.json: the number of experts (the first of these keys present)
+    intermediate_key: str    # config.json: one expert's intermediate size
+    top_k_key: str = "num_experts_per_tok"
+    normalize_key: str | None = None    # config.json flag: renormalise the top-k weights (None: always)
+    all_sparse: tuple[tuple[str, object], ...] = ()   # config.json keys that must hold these values (absent is
+                                                      # fine): otherwise some layers are dense MLPs (refused)
+
+    def expert(self, name: str) -> str:
+        return f"{self.module}.experts.{EXPERT}.{name}"
+
+
+@dataclass(frozen=True)
 class ArchMap:
     model_type: str
     modeling_module: str                  # transformers module holding the classes below
@@ -64,6 +90,10 @@ class ArchMap:
     sliding_window_by_default: bool = False   # `sliding_window` applies unless `use_sliding_window` is false
     window_by_layer_types: bool = False   # the window applies only to layers config.json's `layer_types` marks
                                           # "sliding_attention" (else: to every layer)
+    unquantized: tuple[str, ...] = ()     # linears that stay 16-bit (weights and inputs): a MoE router
+    moe: MoeMap | None = None             # the MLP is a sparse MoE (linear names hold EXPERT until with_experts)
+    r4_names: tuple[str, ...] = ()        # every linear R4 sits on (default: r4 alone; MoE: every expert's down)
+    routed: tuple[str, ...] = ()          # linears that see only the tokens routed to them (MoE experts' linears)
     layer_prefix: str = "model.layers."
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
@@ -72,13 +102,65 @@ class ArchMap:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "linear_names", tuple(lin.name for lin in self.linears))
+        if not self.r4_names:
+            object.__setattr__(self, "r4_names", (self.r4,))
         readers = [name for nm in self.norms for name in nm.readers]
-        for name in (*readers, *self.residual_writers, self.r2_value, self.r2_output, self.r4,
-                     *(n for group in self.gptq_order for n in group)):
+        for name in (*readers, *self.residual_writers, self.r2_value, self.r2_output, *self.r4_names,
+                     *self.unquantized, *(n for group in self.gptq_order for n in group)):
             if name not in self.linear_names:
                 raise ValueError(f"{self.model_type}: {name} is not one of its linears")
-        if sorted(n for group in self.gptq_order for n in group) != sorted(self.linear_names):
-            raise ValueError(f"{self.model_type}: gptq_order must name every linear once")
+        if sorted([*(n for group in self.gptq_order for n in group), *self.unquantized]) != sorted(self.linear_names):
+            raise ValueError(f"{self.model_type}: gptq_order and unquantized must name every linear once")
+
+    @property
+    def quantized_names(self) -> tuple[str, ...]:
+        """The linears whose weights are quantized (all but the 16-bit ones, such as a MoE router)."""
+        return tuple(n for n in self.linear_names if n not in self.unquantized)
+
+    def with_experts(self, n: int) -> "ArchMap":
+        """This map for a checkpoint with `n` experts: every name holding EXPERT becomes n names (expert-major,
+        so an expert's linears stay in computation order), every GPTQ group holding it n groups (one Hessian per
+        expert: each sees only the tokens routed to its expert). R4 is on the first expert's down (its size) and
+        r4_names lists every expert's. A map without MoE is returned as it is."""
+        if self.moe is None:
+            return self
+
+        def names(seq: tuple[str, ...]) -> tuple[str, ...]:
+            out: list[str] = []
+            run: list[str] = []
+            for name in (*seq, None):
+                if name is not None and EXPERT in name:
+                    run.append(name)
+                    continue
+                out += [r.replace(EXPERT, str(e)) for e in range(n) for r in run]
+                run = []
+                if name is not None:
+                    out.append(name)
+            return tuple(out)
+
+        linears: list[LinearMap] = []
+        run_l: list[LinearMap] = []
+        for lin in (*self.linears, None):
+            if lin is not None and EXPERT in lin.name:
+                run_l.append(lin)
+                continue
+            linears += [replace(r, name=r.name.replace(EXPERT, str(e))) for e in range(n) for r in run_l]
+            run_l = []
+            if lin is not None:
+                linears.append(lin)
+        groups: list[tuple[str, ...]] = []
+        for group in self.gptq_order:
+            if any(EXPERT in name for name in group):
+                groups += [tuple(name.replace(EXPERT, str(e)) for name in group) for e in range(n)]
+            else:
+                groups.append(group)
+        r4_names = names(self.r4_names)
+        return replace(self, linears=tuple(linears),
+                       norms=tuple(NormMap(nm.norm, names(nm.readers)) for nm in self.norms),
+                       residual_writers=names(self.residual_writers), gptq_order=tuple(groups),
+                       unquantized=names(self.unquantized), r4=r4_names[0], r4_names=r4_names,
+                       routed=tuple(lin.name for lin in linears if lin.name not in self.linear_names),
+                       biases=tuple(BiasRule(b.flag, names(b.linears)) for b in self.biases))
 
     @property
     def norm_names(self) -> tuple[str, ...]:
@@ -90,7 +172,8 @@ class ArchMap:
 
     @property
     def capture_points(self) -> tuple[str, ...]:
-        """One reader per norm: its input is the normalised residual R1 is calibrated on (attention and MLP side)."""
+        """One reader per norm: its input is the normalised residual R1 is calibrated on (attention and MLP side).
+        Every token reaches the first reader (a MoE router, not an expert that sees only its own tokens)."""
         return tuple(nm.readers[0] for nm in self.norms)
 
     def attention_linears(self) -> tuple[str, ...]:
@@ -173,6 +256,26 @@ def _qk_norms() -> tuple[tuple[str, tuple[str, ...]], ...]:
     return (("self_attn.q_norm.weight", (HEAD_DIM,)), ("self_attn.k_norm.weight", (HEAD_DIM,)))
 
 
+def _moe(model_type: str, module: str, prefix: str, moe: MoeMap, **overrides) -> ArchMap:
+    """The Llama attention with a sparse MoE MLP: the router and every expert's gate/up read the post-attention
+    norm (R1 input side, σ fused), every expert's down writes the residual (R1 output side) and carries R4; GPTQ
+    quantizes each expert on its own routed tokens; the router stays 16-bit."""
+    router = f"{moe.module}.{moe.router}"
+    gate, up, down = moe.expert(moe.gate), moe.expert(moe.up), moe.expert(moe.down)
+    o = "self_attn.o_proj"
+    return ArchMap(
+        model_type=model_type, modeling_module=f"transformers.models.{module}.modeling_{module}",
+        layer_class=f"{prefix}DecoderLayer", rotary_class=f"{prefix}RotaryEmbedding",
+        linears=_ATTN + (LinearMap(router, EXPERTS, HIDDEN), LinearMap(gate, EXPERT_INTERMEDIATE, HIDDEN),
+                         LinearMap(up, EXPERT_INTERMEDIATE, HIDDEN), LinearMap(down, HIDDEN, EXPERT_INTERMEDIATE)),
+        norms=(NormMap("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+               NormMap("post_attention_layernorm", (router, gate, up))),
+        residual_writers=(o, down), r2_value="self_attn.v_proj", r2_output=o, r4=down,
+        gptq_order=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), (o,), (gate, up), (down,)),
+        unquantized=(router,), moe=moe, **overrides,
+    )
+
+
 ARCHS: dict[str, ArchMap] = {
     # Llama's attention_bias covers o_proj too; mlp_bias all three MLP linears
     "llama": _llama_like("llama", "llama", "Llama", biases=(
@@ -188,4 +291,17 @@ ARCHS: dict[str, ArchMap] = {
         BiasRule("attention_bias", tuple(lin.name for lin in _ATTN)),), passthrough=_qk_norms(),
         window_by_layer_types=True),
     "phi3": _phi3(),
+    # Mixtral: Mistral's attention (a configured window on every layer) and block_sparse_moe with experts w1 (gate),
+    # w3 (up), w2 (down); top-k weights always renormalised
+    "mixtral": _moe("mixtral", "mixtral", "Mixtral", MoeMap(
+        module="block_sparse_moe", layer_attr="mlp", router="gate", gate="w1", up="w3", down="w2",
+        experts_keys=("num_local_experts",), intermediate_key="intermediate_size"), sliding_window_by_default=True),
+    # Qwen3-MoE: Qwen3's attention (q/k norms, attention_bias, per-layer windows) and mlp.experts with a router
+    # mlp.gate; norm_topk_prob decides the renormalisation; checkpoints with dense MLP layers are refused
+    "qwen3_moe": _moe("qwen3_moe", "qwen3_moe", "Qwen3Moe", MoeMap(
+        module="mlp", layer_attr="mlp", router="gate", gate="gate_proj", up="up_proj", down="down_proj",
+        experts_keys=("num_experts", "num_local_experts"), intermediate_key="moe_intermediate_size", normalize_key="norm_topk_prob",
+        all_sparse=(("mlp_only_layers", []), ("decoder_sparse_step", 1))),
+        biases=(BiasRule("attention_bias", tuple(lin.name for lin in _ATTN)),), passthrough=_qk_norms(),
+        window_by_layer_types=True),
 }

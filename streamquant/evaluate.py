@@ -41,7 +41,7 @@ def perplexity(model: str, data: str, seqlen: int, windows: int | None, dtype: s
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     ids = eval_windows(tokenize(load_tokenizer(model_dir), read_text(data)), seqlen, windows)
-    mb = micro_batch or micro_batch_for(seqlen, spec.hidden_size, spec.intermediate_size, dt)
+    mb = micro_batch or micro_batch_for(seqlen, spec.hidden_size, spec.mlp_width, dt)
     engine = Engine(spec, dev, dt, mb, pin=pin_host_memory(dev))
     tick = None if on_progress is None else (lambda i: on_progress("eval", i + 1, spec.num_layers))
     nll = stream_nll(source, engine, ids, tick)

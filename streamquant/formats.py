@@ -110,7 +110,9 @@ class OutputFormat:
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": compressed_tensors_weight_args(wcfg),
                                               "input_activations": inputs, "output_activations": None,
                                               "format": self.name}},
-                "ignore": ["lm_head"], "kv_cache_scheme": None,
+                # 16-bit linears (a MoE router: `block_sparse_moe.gate`, as quantized Mixtral exports name it)
+                "ignore": ["lm_head", *(f"re:.*{re.escape(n)}$" for n in self.spec.arch.unquantized)],
+                "kv_cache_scheme": None,
             }
             if self.stores_r4:
                 cfg["quantization_config"]["transform_config"] = r4_transform_config(self.spec)

@@ -37,6 +37,12 @@ from streamquant.shards import BlockPrefetcher
 from streamquant.stream import Engine
 
 
+# GPTQ needs a Hessian estimated from enough input rows; a MoE expert's group that saw fewer (it reads only the
+# tokens routed to it, possibly none) is rounded to nearest instead, and report.json lists it per block under
+# "rtn_fallback" with its token count ("gptq_tokens" has every group's).
+GPTQ_MIN_TOKENS = 32
+
+
 class Hooks:
     """Forward pre-hooks that copy a sampled subset of a module's input rows into a host buffer."""
 
@@ -355,6 +361,12 @@ class Pipeline:
                 self.pass_until(layer, hidden, group[0])
                 hooks.remove()
             t0 = time.perf_counter()
+            self.stats.block.setdefault("gptq_tokens", {})[group[0]] = gptq.n_samples   # per expert in a MoE block
+            if group[0] in self.arch.routed and gptq.n_samples < GPTQ_MIN_TOKENS:   # an expert few tokens reached
+                self.stats.block.setdefault("rtn_fallback", {}).update({name: gptq.n_samples for name in group})
+                codes |= quantize_layer_rtn(layer, self.arch, wcfg, names=group)
+                del gptq
+                continue
             for k, name in enumerate(group):
                 result = gptq.quantize(linears[name].weight.data, wcfg, act_order=self.cfg.act_order,
                                        damp=self.cfg.damp, free_hessian=k == len(group) - 1)

@@ -100,8 +100,10 @@ def _activation_bytes_per_token(spec, b: int, a_bits: int, on_gpu: bool) -> int:
     from the host buffer (on a CPU it is a view). With activation quantization, down_proj's input also gets the online
     R4 output and the quantizer's fp32 work tensors (plus an fp32 copy of a half-precision input).
     Measured on CPU in fp32 at hidden 2048 / intermediate 7168: 3h+3i floats per token, and +2i with W4A4."""
-    h, i = spec.hidden_size, spec.intermediate_size
+    h, i = spec.hidden_size, spec.mlp_width
     act = b * ((4 if on_gpu else 3) * h + 3 * i)
+    if spec.arch.moe is not None:
+        act += 2 * b * h   # the expert loop's output accumulator and the current expert's gathered tokens
     if a_bits < 16:
         act += b * max(h, i) + 4 * max(h, i) + (4 * max(h, i) if b < 4 else 0)
     return act
@@ -122,7 +124,7 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
     Each stage is the maximum over the moments the pipeline really goes through (pipeline.py, in order); each moment
     lists the tensors alive then. On a CPU run the device is the host, so device bytes add to the resident set."""
     b = torch.finfo(dtype).bits // 8
-    h, i, v, L = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.num_layers
+    h, i, v, L = spec.hidden_size, spec.mlp_width, spec.vocab_size, spec.num_layers
     q = spec.num_heads * spec.head_dim
     dart = work.method == "dart"
     tokens = micro_batch * work.seqlen
@@ -189,7 +191,7 @@ def _weight_quant_moments(spec, work: Workload, block: int, forward: int, stored
     """Quantizing one block's weights beside the built block and its codes (`block`): GPTQ per group runs a forward
     (`forward`: activations and scratch) that feeds one Hessian, then solves; RTN holds an fp32 work copy and the
     dequantized weight."""
-    h, i = spec.hidden_size, spec.intermediate_size
+    h, i = spec.hidden_size, spec.mlp_width   # MoE: GPTQ holds one expert's Hessian at a time
     if work.w_bits >= 16:
         return []
     if work.weights != "gptq":
@@ -221,8 +223,8 @@ def output_bytes(spec, work: Workload, b: int) -> int:
     else:
         block = 0
         for name, shape in spec.block_shapes().items():
-            if name.rsplit(".", 1)[0] not in spec.arch.linear_names or not name.endswith(".weight"):
-                block += math.prod(shape) * b                         # norms and biases as they are
+            if name.rsplit(".", 1)[0] not in spec.arch.quantized_names or not name.endswith(".weight"):
+                block += math.prod(shape) * b                         # norms, biases, 16-bit routers
                 continue
             rows, cols = shape
             groups = 1 if work.group_size <= 0 else -(-cols // work.group_size)
@@ -279,7 +281,7 @@ def fit_micro_batch(spec, index, work: Workload, dtype: torch.dtype, device: str
             lo, hi = (mid, hi) if at(mid).peak_gpu_bytes <= gpu_budget else (lo, mid - 1)
         mb = lo
     else:
-        mb = min(max(1, work.samples or work.eval_windows), micro_batch_for(work.seqlen, spec.hidden_size, spec.intermediate_size, dtype))
+        mb = min(max(1, work.samples or work.eval_windows), micro_batch_for(work.seqlen, spec.hidden_size, spec.mlp_width, dtype))
     plan = at(mb)
     plan.min_gpu_bytes = at(1).peak_gpu_bytes
     plan.gpu_budget = gpu_budget

@@ -112,10 +112,11 @@ def install_runtime(layer: nn.Module, spec: ModelSpec, runtime: Runtime) -> nn.M
         parent = layer.get_submodule(parent_name)
         old: nn.Linear = getattr(parent, attr)
         transform = None
-        if name == arch.r4 and runtime.r4_seed is not None:
+        if name in arch.r4_names and runtime.r4_seed is not None:
             transform = OnlineHadamard(old.in_features, runtime.r4_seed)
             transform = StoredTransform(transform) if runtime.r4_stored else transform
-        setattr(parent, attr, QLinear(old.weight.data, None if old.bias is None else old.bias.data, runtime.act, transform))
+        act = ActQuantConfig() if name in arch.unquantized else runtime.act   # a 16-bit router reads 16-bit inputs
+        setattr(parent, attr, QLinear(old.weight.data, None if old.bias is None else old.bias.data, act, transform))
     attn = layer.get_submodule(arch.attention)
     attn.sq_r3 = OnlineHadamard(spec.head_dim, runtime.r3_seed) if runtime.r3_seed is not None else None
     attn.sq_kv_bits, attn.sq_kv_clip = runtime.kv_bits, runtime.kv_clip
@@ -123,7 +124,8 @@ def install_runtime(layer: nn.Module, spec: ModelSpec, runtime: Runtime) -> nn.M
 
 
 def qlinears(layer: nn.Module, arch: ArchMap) -> dict[str, QLinear]:
-    return {name: layer.get_submodule(name) for name in arch.linear_names}
+    """The linears whose weights get quantized (a 16-bit MoE router is not among them)."""
+    return {name: layer.get_submodule(name) for name in arch.quantized_names}
 
 
 def hf_config(spec: ModelSpec):

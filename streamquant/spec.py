@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamquant.arch import ARCHS, GATE_UP, HEAD_DIM, HIDDEN, INTERMEDIATE, KV, Q, QKV, ArchMap
+from functools import lru_cache
+
+from streamquant.arch import (ARCHS, EXPERT_INTERMEDIATE, EXPERTS, GATE_UP, HEAD_DIM, HIDDEN, INTERMEDIATE, KV, Q, QKV,
+                              ArchMap)
 from streamquant.errors import UserError
 
 
@@ -29,11 +32,16 @@ class ModelSpec:
     biased: tuple[str, ...] = ()          # linears that carry a bias (the architecture's rule applied to config.json)
     sliding_window: int | None = None
     sliding_layers: tuple[int, ...] | None = None   # layers the window applies to (None: every layer)
+    num_experts: int = 0                  # MoE: experts per block, how many each token goes to, one expert's MLP
+    experts_per_token: int = 0            # width, and whether the top-k routing weights are renormalised
+    expert_intermediate_size: int = 0
+    normalize_routing: bool = True
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def arch(self) -> ArchMap:
-        return ARCHS[self.model_type]
+        """The architecture map with this checkpoint's experts spelled out (MoE), so every linear has a name."""
+        return _arch(self.model_type, self.num_experts)
 
     @property
     def heads_per_group(self) -> int:
@@ -49,11 +57,18 @@ class ModelSpec:
             return None
         return self.sliding_window
 
+    @property
+    def mlp_width(self) -> int:
+        """The inner width of one MLP: down_proj's input (one expert's in a MoE block, where the router sends each
+        token through top-k experts one after the other)."""
+        return self.dims()[self.arch.linear(self.arch.r4).inp]
+
     def dims(self) -> dict[str, int]:
         """Values of the symbolic sizes the architecture map writes shapes in."""
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return {HIDDEN: self.hidden_size, INTERMEDIATE: self.intermediate_size, Q: q, KV: kv, HEAD_DIM: self.head_dim,
-                QKV: q + 2 * kv, GATE_UP: 2 * self.intermediate_size}
+                QKV: q + 2 * kv, GATE_UP: 2 * self.intermediate_size, EXPERTS: self.num_experts,
+                EXPERT_INTERMEDIATE: self.expert_intermediate_size}
 
     def block_shapes(self) -> dict[str, tuple[int, ...]]:
         """Expected shape of every tensor of one decoder block (names relative to the block prefix)."""
@@ -61,6 +76,11 @@ class ModelSpec:
 
     def block_params(self) -> int:
         return sum(_numel(s) for s in self.block_shapes().values())
+
+
+@lru_cache(maxsize=None)
+def _arch(model_type: str, num_experts: int) -> ArchMap:
+    return ARCHS[model_type].with_experts(num_experts)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -97,6 +117,12 @@ def read_spec(model_dir: Path) -> ModelSpec:
     if model_type not in ARCHS:
         raise UserError(f"unsupported model_type {model_type!r} in {path}; supported: {', '.join(ARCHS)}")
     arch = ARCHS[model_type]
+    moe = arch.moe
+    if moe is not None:
+        for key, value in moe.all_sparse:
+            if key in cfg and cfg[key] != value:
+                raise UserError(f"{path}: {key} = {cfg[key]!r} makes some {model_type} layers dense MLPs; only "
+                                f"checkpoints whose every layer is MoE ({key} = {value!r}) are supported")
     try:
         hidden = int(cfg["hidden_size"])
         heads = int(cfg["num_attention_heads"])
@@ -116,10 +142,17 @@ def read_spec(model_dir: Path) -> ModelSpec:
             biased=arch.biased(cfg),
             sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch.sliding_window_by_default) else None,
             sliding_layers=_sliding_layers(cfg) if arch.window_by_layer_types else None,
+            num_experts=int(next((cfg[k] for k in moe.experts_keys if k in cfg), None)) if moe else 0,
+            experts_per_token=int(cfg[moe.top_k_key]) if moe else 0,
+            expert_intermediate_size=int(cfg[moe.intermediate_key]) if moe else 0,
+            normalize_routing=bool(cfg.get(moe.normalize_key, True)) if moe and moe.normalize_key else True,
             raw=cfg,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{path} lacks or has a bad field: {exc}") from exc
+    if moe is not None and not 0 < spec.experts_per_token <= spec.num_experts:
+        raise UserError(f"{path}: {moe.top_k_key} {spec.experts_per_token} must be between 1 and the number of "
+                        f"experts ({spec.num_experts})")
     if heads % kv_heads:
         raise UserError(f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     return spec

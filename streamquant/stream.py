@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamquant.memory import release_host_memory
+from streamquant.moe import install_experts
 from streamquant.qblock import hf_config
 from streamquant.shards import BlockPrefetcher, ShardIndex
 from streamquant.spec import ModelSpec
@@ -55,6 +56,8 @@ def build_layer(config, spec: ModelSpec, index: int, weights: dict[str, torch.Te
     """transformers' decoder layer for this architecture holding exactly `weights` (no random init, no copy kept)."""
     with torch.device("meta"):
         layer = spec.arch.hf_class("layer")(config, layer_idx=index)
+        if spec.arch.moe is not None:
+            install_experts(layer, spec)   # per-expert Linears under the checkpoint's names (streamquant.moe)
     state = {k: v.to(device=device, dtype=dtype, non_blocking=True) for k, v in weights.items()}
     layer.load_state_dict(state, strict=True, assign=True)
     layer.sq_window = spec.window(index)   # this layer's sliding window, for the engine's attention mask

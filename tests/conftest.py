@@ -36,7 +36,18 @@ TINY = {
     "phi3": dict(model_type="phi3", hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=40, pad_token_id=0,
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}),
+    # MoE: 4 experts, top-2 (renormalised), router + per-expert w1/w3/w2, a window < seqlen on every layer; weights
+    # larger than the others' (the top-k mix shrinks an MLP's output) so that quantization and fusion move the PPL
+    "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+                    num_local_experts=4, num_experts_per_tok=2, sliding_window=40, initializer_range=0.15),
+    # MoE with q/k norms and q/k/v/o biases; top-2 weights not renormalised (norm_topk_prob false)
+    "qwen3_moe": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=160, moe_intermediate_size=80,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      tie_word_embeddings=True, attention_bias=True, num_experts=4, num_experts_per_tok=2,
+                      norm_topk_prob=False, initializer_range=0.15),
 }
+MOE = ("mixtral", "qwen3_moe")
 
 
 def calibration_text() -> str:
@@ -48,16 +59,17 @@ def calibration_text() -> str:
 
 
 def make_tiny_model(out: Path, arch: str, seed: int = 0, max_shard_size: str = "60KB", dtype=torch.float32,
-                    outliers: float = 0.0) -> Path:
+                    outliers: float = 0.0, **overrides) -> Path:
     """A random checkpoint with non-trivial norms and biases, sharded so blocks straddle files. `outliers` > 0
     scales four channels of every block norm by that factor: the outlier channels real LLMs have, which rotations
     exist to spread (a plain random model has none, so a rotation cannot beat no rotation on it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = dict(TINY[arch])
+    kwargs = dict(TINY[arch]) | overrides   # overrides: config.json fields changed for one test
     model_type = kwargs.pop("model_type")
-    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, rms_norm_eps=1e-5, initializer_range=0.08,
-                                  bos_token_id=1, eos_token_id=2, max_position_embeddings=1024, **kwargs)
+    config = AutoConfig.for_model(model_type, **{**dict(vocab_size=VOCAB, rms_norm_eps=1e-5, initializer_range=0.08,
+                                                      bos_token_id=1, eos_token_id=2, max_position_embeddings=1024),
+                                                 **kwargs})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

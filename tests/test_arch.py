@@ -19,8 +19,13 @@ CASES = [("llama", {}), ("llama", {"attention_bias": True}), ("llama", {"mlp_bia
          ("phi3", {})]
 
 
+# MoE configs name their experts (transformers' defaults would be 8 or 128 of them)
+MOE_SMALL = {"mixtral": dict(num_local_experts=3, num_experts_per_tok=2),
+             "qwen3_moe": dict(num_experts=3, num_experts_per_tok=2, moe_intermediate_size=40)}
+
+
 def write_config(tmp_path, model_type: str, **extra) -> dict:
-    cfg = {"model_type": model_type, **SMALL, **extra}
+    cfg = {"model_type": model_type, **SMALL, **MOE_SMALL.get(model_type, {}), **extra}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     return cfg
 
@@ -48,17 +53,49 @@ def test_every_linear_of_the_layer_is_mapped_once(tmp_path, model_type):
     from torch import nn
     from transformers import AutoConfig
 
+    from streamquant.moe import install_experts
+
     cfg = write_config(tmp_path, model_type)
+    spec = read_spec(tmp_path)
+    arch = spec.arch   # MoE: every expert spelled out
     with torch.device("meta"):
         layer = ARCHS[model_type].hf_class("layer")(AutoConfig.for_model(**cfg), layer_idx=0)
+        if arch.moe is not None:   # transformers' fused experts are no Linears: ours (test_moe_* below) are
+            install_experts(layer, spec)
     linears = sorted(name for name, m in layer.named_modules() if isinstance(m, nn.Linear))
-    arch = ARCHS[model_type]
     assert sorted(arch.linear_names) == linears
-    assert sorted(n for group in arch.gptq_order for n in group) == linears
+    assert sorted([*(n for group in arch.gptq_order for n in group), *arch.unquantized]) == linears
     for name in arch.residual_readers:   # readers take the hidden size in, writers give it out
         assert layer.get_submodule(name).in_features == SMALL["hidden_size"]
     for name in arch.residual_writers:
         assert layer.get_submodule(name).out_features == SMALL["hidden_size"]
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE_SMALL))
+def test_moe_expert_shapes_equal_transformers_fused_experts(tmp_path, model_type):
+    """Our per-expert tensors, stacked as transformers' conversion stacks them ([gate; up] per expert, then down),
+    have the shapes of its fused experts; the router's weight is its router's; the rest of the layer is as mapped."""
+    cfg = write_config(tmp_path, model_type)
+    spec = read_spec(tmp_path)
+    moe, theirs = spec.arch.moe, hf_layer_shapes(model_type, cfg)
+    ours = spec.block_shapes()
+    n, attr = spec.num_experts, moe.layer_attr
+    expert = [f"{moe.module}.experts.{e}" for e in range(n)]
+    gate_up = [(ours[f"{x}.{moe.gate}.weight"][0] + ours[f"{x}.{moe.up}.weight"][0], ours[f"{x}.{moe.gate}.weight"][1])
+               for x in expert]
+    assert theirs.pop(f"{attr}.experts.gate_up_proj") == (n, *gate_up[0]) and len(set(gate_up)) == 1
+    assert theirs.pop(f"{attr}.experts.down_proj") == (n, *ours[f"{expert[0]}.{moe.down}.weight"])
+    assert theirs.pop(f"{attr}.{moe.router}.weight") == ours.pop(f"{moe.module}.{moe.router}.weight")
+    assert theirs == {k: v for k, v in ours.items() if ".experts." not in k}
+
+
+@pytest.mark.parametrize("extra, message", [({"mlp_only_layers": [1]}, "mlp_only_layers"),
+                                            ({"decoder_sparse_step": 2}, "decoder_sparse_step"),
+                                            ({"num_experts_per_tok": 5}, "between 1 and")])
+def test_qwen3_moe_with_dense_layers_or_bad_top_k_is_refused(tmp_path, extra, message):
+    write_config(tmp_path, "qwen3_moe", **extra)
+    with pytest.raises(UserError, match=message):
+        read_spec(tmp_path)
 
 
 def test_explicit_head_dim_and_sliding_window_rules(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from conftest import last_json, make_tiny_model, run_cli
 from test_writer import run_args, tree
 
-NEW = ["qwen3", "phi3"]
+NEW = ["qwen3", "phi3", "mixtral", "qwen3_moe"]
 # the default R1/R2 training (10 and 5 epochs of 10 minibatches) rather than run_args' 2 and 1: 20 R1 steps are too
 # few for a rotation to beat no rotation reliably
 W4A4 = ["--a-bits", "4", "--weights", "gptq", "--r1-epochs", "10", "--r2-epochs", "5"]
@@ -67,6 +67,7 @@ def test_info_and_plan(tiny_models, arch):
     assert got["model_type"] == arch and got["layers"] == spec.num_layers and got["head_dim"] == spec.head_dim
     # the block bytes from the headers equal the registry's shapes (fp32 on disk)
     assert got["max_block_bytes"] == 4 * spec.block_params()
+    assert got.get("experts") == (spec.num_experts or None)      # MoE: the block bytes hold every expert
     plan = run_cli("plan", str(tiny_models[arch]), "--samples", "4", "--seqlen", "48", "--json")
     assert plan.returncode == 0, plan.stderr
     assert last_json(plan.stdout)["stages"]["quantize"]["host_bytes"] > 0

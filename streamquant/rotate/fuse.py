@@ -92,8 +92,9 @@ def _with_value_rows(t: torch.Tensor, start: int, rows: torch.Tensor) -> torch.T
 def fuse_r4(weights: Weights, hadamard: Callable[[torch.Tensor], torch.Tensor], arch: ArchMap) -> Weights:
     """down_proj receives x H4 online at run time, so its weight takes W H4 (applied to rows by the same transform)."""
     w = dict(weights)
-    if f"{arch.r4}.weight" in w:
-        w[f"{arch.r4}.weight"] = hadamard(w[f"{arch.r4}.weight"])
+    for name in arch.r4_names:   # one down_proj, or every expert's
+        if f"{name}.weight" in w:
+            w[f"{name}.weight"] = hadamard(w[f"{name}.weight"])
     return w
 
 

@@ -64,11 +64,14 @@ def build_rotated_layer(engine: Engine, index: int, weights: dict[str, torch.Ten
     return install_runtime(engine.build_layer(index, weights), engine.spec, runtime)
 
 
-def quantize_layer_rtn(layer: nn.Module, arch: ArchMap, cfg: WeightQuantConfig) -> Codes:
-    """Round-to-nearest on every Linear of a built rotated layer (the layer then computes with the dequantized
-    weights); returns the integer codes, scales and zeros for the writer."""
+def quantize_layer_rtn(layer: nn.Module, arch: ArchMap, cfg: WeightQuantConfig,
+                       names: tuple[str, ...] | None = None) -> Codes:
+    """Round-to-nearest on every quantized Linear of a built rotated layer (or only `names`; the layer then
+    computes with the dequantized weights); returns the integer codes, scales and zeros for the writer."""
     codes: Codes = {}
     for name, ql in qlinears(layer, arch).items():
+        if names is not None and name not in names:
+            continue
         q, scale, zero = quantize_weight(ql.weight.data, cfg)
         codes[name] = (q, scale, zero)
         ql.weight.data = dequantize_weight(q, scale, zero, cfg.group_size).to(ql.weight.dtype)

@@ -1,0 +1,180 @@
+"""Mixture-of-Experts blocks (Mixtral, Qwen3-MoE): the expanded architecture map, GPTQ per expert on the tokens
+routed to it (and the RTN fallback for an expert no token reaches), the W4A16 export in the per-expert layout that
+transformers + compressed-tensors load, and the refusals. (Streaming and rotated forwards against transformers are in
+test_stream.py / test_invariance.py, W4A4 + resume + info/plan in test_archs.py: all parametrized over MoE too.)"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from streamquant.pipeline import GPTQ_MIN_TOKENS
+
+from conftest import MOE, TINY, last_json, make_tiny_model, run_cli
+from test_plan import _payload_bytes
+from test_writer import run_args
+
+SAMPLES, SEQLEN = 6, 48   # test_writer.FAST
+
+
+def _stored(out: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    names = {}
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                names[k] = (str(fh.get_slice(k).get_dtype()), tuple(fh.get_slice(k).get_shape()))
+    return names
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_the_map_spells_out_every_expert(tiny_models, arch):
+    from streamquant.spec import read_spec
+
+    spec = read_spec(tiny_models[arch])
+    a, moe, n = spec.arch, spec.arch.moe, TINY[arch].get("num_local_experts", TINY[arch].get("num_experts"))
+    assert spec.num_experts == n and spec.experts_per_token == 2
+    router = f"{moe.module}.{moe.router}"
+    downs = tuple(f"{moe.module}.experts.{e}.{moe.down}" for e in range(n))
+    assert a.unquantized == (router,) and router not in a.quantized_names
+    assert a.r4_names == downs and set(downs) <= set(a.residual_writers)
+    assert a.routed == tuple(n for n in a.linear_names if ".experts." in n) and len(a.routed) == 3 * n
+    readers = a.norms[1].readers
+    assert readers[0] == router and len(readers) == 1 + 2 * n           # router and every expert's gate and up
+    expert_groups = [g for g in a.gptq_order if any(".experts." in name for name in g)]
+    assert len(expert_groups) == 2 * n                                   # one Hessian per expert and input
+    assert all(len({name.split(".experts.")[1].split(".")[0] for name in g}) == 1 for g in expert_groups)
+    assert {name for name in spec.block_shapes() if ".experts." in name} == {
+        f"{moe.module}.experts.{e}.{p}.weight" for e in range(n) for p in (moe.gate, moe.up, moe.down)}
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_w4a16_export_loads_in_transformers_with_the_ppl_of_eval(tiny_models, eval_text, tmp_path, arch):
+    """Per-expert packed tensors under the checkpoint's names, the router dense and ignored; transformers (with
+    compressed-tensors) loads every tensor into its fused experts and computes the PPL `streamquant eval` does."""
+    from transformers import AutoModelForCausalLM
+
+    from streamquant.data import eval_windows, load_tokenizer, tokenize
+
+    out = tmp_path / "w4a16"
+    res = run_cli(*run_args(tiny_models[arch], out, "--w-bits", "4", "--a-bits", "16", "--weights", "gptq",
+                            "--group-size", "16", "--json"))
+    assert res.returncode == 0, res.stderr
+    run = last_json(res.stdout)
+    assert run["format"] == "pack-quantized"
+    moe = read_moe(out)
+    stored = _stored(out)
+    prefix = f"model.layers.1.{moe.module}"
+    assert f"{prefix}.experts.3.{moe.down}.weight_packed" in stored and f"{prefix}.experts.3.{moe.down}.weight" not in stored
+    assert stored[f"{prefix}.{moe.router}.weight"][0] == "F32"          # the router stays 16-bit (here fp32)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert f"re:.*{moe.module}\\.{moe.router}$" in config["ignore"]
+    # GPTQ per expert saw exactly the tokens routed to it: every token reaches top-k experts
+    for block in run["blocks"]:
+        gates = {k: v for k, v in block["gptq_tokens"].items() if k.endswith(f".{moe.gate}")}
+        assert len(gates) == 4 and sum(gates.values()) == SAMPLES * SEQLEN * 2
+        # experts that saw too few tokens were rounded to nearest (the random qwen3_moe routes 13 tokens to one)
+        few = {k for k, v in gates.items() if v < GPTQ_MIN_TOKENS}
+        assert {k for k in block.get("rtn_fallback", {}) if k.endswith(f".{moe.gate}")} == few
+    assert abs(run["plan"]["output_bytes"] / _payload_bytes(out) - 1) <= 0.005
+
+    ours = run_cli("eval", str(out), "--data", str(eval_text), "--seqlen", "48", "--windows", "3", "--json")
+    assert ours.returncode == 0, ours.stderr
+    ids = eval_windows(tokenize(load_tokenizer(out), eval_text.read_text()), 48, 3)
+    model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert "compressed" in model.config.quantization_config.quant_method
+    with torch.no_grad():
+        theirs = math.exp(sum(float(model(w[None], labels=w[None]).loss) for w in ids) / len(ids))
+    assert abs(last_json(ours.stdout)["ppl"] - theirs) <= 1e-4 * theirs
+
+
+def read_moe(model_dir: Path):
+    from streamquant.spec import read_spec
+
+    return read_spec(model_dir).arch.moe
+
+
+def _unreachable_expert_model(root: Path) -> Path:
+    """Mixtral with 5 experts whose router rows are a, −a, b, −b, 0: one of ±x·a and one of ±x·b is ≥ 0 for
+    every token, so top-2 never picks expert 4 (logit 0) — it receives no calibration tokens at all."""
+    model = make_tiny_model(root, "mixtral", num_local_experts=5)
+    gen = torch.Generator().manual_seed(1)
+    for f in model.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        routers = [k for k in tensors if k.endswith("block_sparse_moe.gate.weight")]
+        for k in routers:
+            a, b = torch.randn(2, tensors[k].shape[1], generator=gen)
+            tensors[k] = torch.stack([a, -a, b, -b, torch.zeros_like(a)])
+        if routers:
+            save_file(tensors, str(f), metadata={"format": "pt"})
+    return model
+
+
+def test_an_expert_without_tokens_is_rounded_to_nearest_and_reported(eval_text, tmp_path):
+    model = _unreachable_expert_model(tmp_path / "model")
+    out = tmp_path / "out"
+    res = run_cli(*run_args(model, out, "--w-bits", "4", "--a-bits", "16", "--weights", "gptq", "--group-size", "16",
+                            "--json"))
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "report.json").read_text())
+    for block in report["blocks"]:
+        idle = {f"block_sparse_moe.experts.4.{p}": 0 for p in ("w1", "w3", "w2")}
+        assert block["rtn_fallback"] == idle
+        assert block["gptq_tokens"]["block_sparse_moe.experts.4.w1"] == 0
+        assert not set(idle) & set(block["gptq_loss"])                  # no GPTQ solve on them
+        busy = [f"block_sparse_moe.experts.{e}.w1" for e in range(4)]
+        assert sum(block["gptq_tokens"][k] for k in busy) == SAMPLES * SEQLEN * 2
+    stored = _stored(out)
+    assert "model.layers.0.block_sparse_moe.experts.4.w2.weight_packed" in stored   # still written, 4-bit
+    ev = run_cli("eval", str(out), "--data", str(eval_text), "--seqlen", "48", "--windows", "2", "--json")
+    assert ev.returncode == 0, ev.stderr and math.isfinite(last_json(ev.stdout)["ppl"])
+
+
+def _one_line_refusal(res) -> str:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    return lines[0]
+
+
+def test_dense_layers_in_a_qwen3_moe_are_refused(tiny_models, tmp_path):
+    model = tmp_path / "dense"
+    model.mkdir()
+    for f in tiny_models["qwen3_moe"].iterdir():
+        (model / f.name).symlink_to(f)
+    cfg = json.loads((tiny_models["qwen3_moe"] / "config.json").read_text()) | {"mlp_only_layers": [1]}
+    (model / "config.json").unlink()
+    (model / "config.json").write_text(json.dumps(cfg))
+    assert "mlp_only_layers" in _one_line_refusal(run_cli("info", str(model)))
+
+
+@pytest.mark.parametrize("extra", [["--w-bits", "8", "--a-bits", "16", "--format", "int-quantized"],
+                                   ["--w-bits", "4", "--a-bits", "8", "--a-symmetric", "--a-clip", "1",
+                                    "--format", "pack-quantized"],
+                                   ["--r4-online", "--a-bits", "16", "--format", "pack-quantized"]])
+def test_exports_transformers_cannot_express_for_experts_are_refused(tiny_models, tmp_path, extra):
+    line = _one_line_refusal(run_cli(*run_args(tiny_models["mixtral"], tmp_path / "out", "--method", "quarot",
+                                               *extra)))
+    assert "MoE" in line and not (tmp_path / "out").exists()
+
+
+def test_the_plan_holds_every_expert_of_a_block(tmp_path):
+    """The planner sizes a block with all its experts: twice the experts grow the predicted quantize peak by at
+    least the added experts twice over (the block as read from disk and as built), beyond the process baseline."""
+    def planned(model: Path) -> int:
+        res = run_cli("plan", str(model), "--samples", "4", "--seqlen", "48", "--weights", "gptq", "--json")
+        assert res.returncode == 0, res.stderr
+        plan = last_json(res.stdout)
+        return plan["stages"]["quantize"]["host_bytes"] - plan["base_host_bytes"]
+
+    small = make_tiny_model(tmp_path / "e4", "mixtral")
+    large = make_tiny_model(tmp_path / "e8", "mixtral", num_local_experts=8)
+    cfg = TINY["mixtral"]
+    added = 4 * 3 * cfg["intermediate_size"] * cfg["hidden_size"] * 4      # 4 experts of 3 fp32 matrices
+    assert planned(large) - planned(small) >= 2 * added
