@@ -62,6 +62,8 @@ class MoeMap:
     intermediate_key: str    # config.json: one expert's intermediate size
     top_k_key: str = "num_experts_per_tok"
     normalize_key: str | None = None    # config.json flag: renormalise the top-k weights (None: always)
+    weights_in_model_dtype: bool = False  # the top-k weights are cast to the model dtype before they scale the
+                                          # experts' outputs (Qwen3-MoE; Mixtral scales in fp32)
     all_sparse: tuple[tuple[str, object], ...] = ()   # config.json keys that must hold these values (absent is
                                                       # fine): otherwise some layers are dense MLPs (refused)
 
@@ -300,7 +302,8 @@ ARCHS: dict[str, ArchMap] = {
     # mlp.gate; norm_topk_prob decides the renormalisation; checkpoints with dense MLP layers are refused
     "qwen3_moe": _moe("qwen3_moe", "qwen3_moe", "Qwen3Moe", MoeMap(
         module="mlp", layer_attr="mlp", router="gate", gate="gate_proj", up="up_proj", down="down_proj",
-        experts_keys=("num_experts", "num_local_experts"), intermediate_key="moe_intermediate_size", normalize_key="norm_topk_prob",
+        experts_keys=("num_experts", "num_local_experts"), intermediate_key="moe_intermediate_size",
+        normalize_key="norm_topk_prob", weights_in_model_dtype=True,
         all_sparse=(("mlp_only_layers", []), ("decoder_sparse_step", 1))),
         biases=(BiasRule("attention_bias", tuple(lin.name for lin in _ATTN)),), passthrough=_qk_norms(),
         window_by_layer_types=True),

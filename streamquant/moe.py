@@ -42,17 +42,18 @@ class ExpertLoop(nn.Module):
     def __init__(self, moe: MoeMap, spec: ModelSpec, act):
         super().__init__()
         self.router_name, self.top_k, self.normalize = moe.router, spec.experts_per_token, spec.normalize_routing
+        self.cast = moe.weights_in_model_dtype
         self.add_module(moe.router, nn.Linear(spec.hidden_size, spec.num_experts, bias=False))
         self.experts = nn.ModuleList(Expert(moe, spec.hidden_size, spec.expert_intermediate_size, act)
                                      for _ in range(spec.num_experts))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k weights [tokens, k] (fp32) and expert indices [tokens, k], as transformers' routers compute them."""
-        probs = F.softmax(getattr(self, self.router_name)(x).float(), dim=-1)
-        weights, index = torch.topk(probs, self.top_k, dim=-1)
+        """Top-k weights [tokens, k] and expert indices [tokens, k], as transformers' routers compute them."""
+        logits = getattr(self, self.router_name)(x)
+        weights, index = torch.topk(F.softmax(logits.float(), dim=-1), self.top_k, dim=-1)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, index
+        return (weights.to(logits.dtype) if self.cast else weights), index
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
