@@ -7,8 +7,9 @@ on disk (`block_sparse_moe.experts.3.w2`), so that
 - a block loads straight from the shards and is written back under the names compressed-tensors and vLLM expect;
 - every expert's Linear can become a QLinear (R4, activation quantizer) like any dense Linear;
 - a pre-hook on an expert's Linear sees exactly the tokens routed to that expert (GPTQ per expert).
-The routing is transformers' (softmax in fp32 → top-k → optional renormalisation; experts summed in index order),
-so the layer computes what transformers' own does (test_stream compares whole models).
+The routing and mixing are transformers' (softmax in fp32 → top-k → optional renormalisation; weighted outputs
+summed as its default grouped_mm experts sum them), so the layer computes what transformers' own does (test_stream
+compares whole models in fp32, test_moe in bf16).
 """
 from __future__ import annotations
 
@@ -59,14 +60,15 @@ class ExpertLoop(nn.Module):
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         weights, index = self.route(x)
-        out = torch.zeros_like(x)
+        # summed in the dtype of the weighted outputs (fp32 for Mixtral's fp32 weights), cast once at the end: what
+        # transformers' default (grouped_mm) experts do; in fp32 runs this is plain fp32 throughout
+        out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(index == e)
             if token.numel() == 0:   # an expert no token chose does not run (its hooks see nothing)
                 continue
-            y = expert(x[token]) * weights[token, slot, None]
-            out.index_add_(0, token, y.to(out.dtype))
-        return out.reshape(shape)
+            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        return out.to(x.dtype).reshape(shape)
 
 
 def install_experts(layer: nn.Module, spec: ModelSpec) -> None:
