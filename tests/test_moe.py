@@ -191,3 +191,53 @@ def test_bf16_stream_routes_and_mixes_as_transformers(tiny_models, arch):
     with torch.no_grad():
         theirs = ref(ids).logits.float()
     assert (ours - theirs).abs().max() <= 2e-3 * theirs.abs().max()
+
+
+def test_a_w4a4_block_keeps_the_router_16_bit_and_r4_on_every_expert(tiny_models):
+    """At run time every expert's Linear quantizes its input (and every down applies R4 online); the router reads
+    16-bit inputs and is not among the linears whose weights get quantized."""
+    from streamquant.qblock import Runtime, qlinears
+    from streamquant.quant.quantizers import ActQuantConfig
+    from streamquant.rotate.model import build_rotated_layer
+    from streamquant.shards import ShardIndex
+    from streamquant.spec import read_spec
+    from streamquant.stream import Engine
+
+    spec = read_spec(tiny_models["mixtral"])
+    engine = Engine(spec, torch.device("cpu"), torch.float32, micro_batch=2)
+    layer = build_rotated_layer(engine, 0, ShardIndex(tiny_models["mixtral"], spec).load_block(0),
+                                Runtime(r4_seed=4, act=ActQuantConfig(bits=4)))
+    router = layer.get_submodule(spec.arch.unquantized[0])
+    quantized = qlinears(layer, spec.arch)
+    assert not router.act.enabled and router not in quantized.values()
+    assert len(quantized) == 4 + 3 * spec.num_experts and all(q.act.bits == 4 for q in quantized.values())
+    assert [n for n in spec.arch.linear_names if layer.get_submodule(n).transform is not None] == list(
+        spec.arch.r4_names)
+
+
+def test_at_most_two_moe_blocks_alive(tmp_path, eval_text):
+    """Census of live expert tensors (gc, independent of our bookkeeping) at every block boundary: a block holds all
+    its experts, and at most the block computed and the one prefetched are alive."""
+    import gc
+
+    from streamquant.data import eval_windows, load_tokenizer, tokenize
+    from streamquant.shards import ShardIndex
+    from streamquant.spec import read_spec
+    from streamquant.stream import CheckpointSource, Engine, stream_nll
+
+    model = make_tiny_model(tmp_path / "m", "mixtral", num_hidden_layers=4)
+    spec = read_spec(model)
+    gate_shape = (spec.expert_intermediate_size, spec.hidden_size)   # every expert's w1 and w3 only
+    per_block = 2 * spec.num_experts
+    counts = []
+
+    def census(i: int) -> None:
+        gc.collect()
+        counts.append(len({o.untyped_storage().data_ptr() for o in gc.get_objects()
+                           if type(o) in (torch.Tensor, torch.nn.Parameter) and tuple(o.shape) == gate_shape}))
+
+    ids = eval_windows(tokenize(load_tokenizer(model), eval_text.read_text()), 32, 2)
+    stream_nll(CheckpointSource(ShardIndex(model, spec)), Engine(spec, torch.device("cpu"), torch.float32, 2), ids,
+               census)
+    assert len(counts) == spec.num_layers and min(counts) >= per_block and max(counts) <= 2 * per_block, counts
+    assert spec.num_layers * per_block > 2 * per_block
