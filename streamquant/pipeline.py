@@ -355,13 +355,14 @@ class Pipeline:
                 self.pass_until(layer, hidden, group[0])
                 hooks.remove()
             t0 = time.perf_counter()
-            for k, name in enumerate(group):
-                result = gptq.quantize(linears[name].weight.data, wcfg, act_order=self.cfg.act_order,
-                                       damp=self.cfg.damp, free_hessian=k == len(group) - 1)
-                linears[name].weight.data = result.weight.to(linears[name].weight.dtype)
-                codes[name] = (result.q, result.scale, result.zero)
-                losses[name] = float(result.loss)
-            del gptq
+            weights = [linears[name].weight.data for name in group]
+            stacked = torch.cat(weights) if len(weights) > 1 else weights[0]   # one scan for the shared H
+            result = gptq.quantize(stacked, wcfg, act_order=self.cfg.act_order, damp=self.cfg.damp, free_hessian=True)
+            del gptq, stacked
+            for name, part in zip(group, result.split([w.shape[0] for w in weights])):
+                linears[name].weight.data = part.weight.to(linears[name].weight.dtype)
+                codes[name] = (part.q, part.scale, part.zero)
+                losses[name] = part.loss
             self.stats.block["gptq_solve"] = self.stats.block.get("gptq_solve", 0.0) + time.perf_counter() - t0
         return codes, losses
 
