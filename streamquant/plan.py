@@ -145,7 +145,7 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
     r1_train = 10 * h * h * 4 if dart else 0                     # Z, grad, momentum, Q, R and autograd buffers
     whip_eval = 5 * min(8192, rows) * h * 4 if dart else 0       # a chunk of rows, rotated, |.|, exp
     r2_samples = min(work.r2_tokens, work.samples * work.seqlen) * q * 4 if dart else 0
-    weight_quant = _weight_quant_moments(spec, work, compute + codes, act, stored, widest)
+    weight_quant = _weight_quant_moments(spec, work, compute + codes, act, stored, widest, b)
     gptq = work.weights == "gptq" and work.w_bits < 16
     early_h = h * h * 4 if dart and gptq else 0                  # the R2 pass also fills q/k/v's Hessian
     embed_stored = index.entries[spec.arch.embed].nbytes
@@ -185,7 +185,8 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
     return Plan(micro_batch, device, out, output_bytes(spec, work, b), base_host_bytes=base_host_bytes)
 
 
-def _weight_quant_moments(spec, work: Workload, block: int, forward: int, stored: int, widest: int) -> list[Moment]:
+def _weight_quant_moments(spec, work: Workload, block: int, forward: int, stored: int, widest: int, b: int
+                          ) -> list[Moment]:
     """Quantizing one block's weights beside the built block and its codes (`block`): GPTQ per group runs a forward
     (`forward`: activations and scratch) that feeds one Hessian, then solves; RTN holds an fp32 work copy and the
     dequantized weight."""
@@ -195,9 +196,13 @@ def _weight_quant_moments(spec, work: Workload, block: int, forward: int, stored
     if work.weights != "gptq":
         return [Moment(block + 2 * widest * 4, stored)]
     hessian = max(h * h, i * i) * 4   # H; the hook's fp32 input copy fits in the act envelope (act/up are freed by then)
-    # GPTQ.quantize: at the Cholesky, H (kept for a sibling linear: + its clone) and L beside the fp32 work copy W;
-    # later one inverse factor beside W, the codes and the result (measured at in 8192 and 14336 to within 2 %)
-    solve = max(max(3 * h * h, 2 * i * i) * 4 + widest * 4, max(h * h, i * i) * 4 + 3 * widest * 4)
+    # GPTQ.quantize scans a group's stacked rows (q/k/v, gate/up) at once: the stacked copy in the block dtype, and at
+    # the Cholesky H (in the sum's memory) and L beside the fp32 work copy W; later one inverse factor beside W, the
+    # codes and the result (measured per linear at in 8192 and 14336 to within 2 %; stacked rows not re-measured)
+    dims = spec.dims()
+    shape = {lin.name: (dims[lin.out], dims[lin.inp]) for lin in spec.arch.linears}
+    stacked = max(sum(shape[n][0] for n in group) * shape[group[0]][1] for group in spec.arch.gptq_order)
+    solve = stacked * b + max(2 * hessian + stacked * 4, hessian + 3 * stacked * 4)
     return [Moment(block + forward + hessian, stored), Moment(block + solve, stored)]
 
 
