@@ -144,7 +144,6 @@ class Group(Solo):
             dist.init_process_group(self.backend, timeout=datetime.timedelta(seconds=timeout_s),
                                     **({"device_id": self.comm_device} if cuda else {}))
         self.timeout_s = timeout_s
-        self.calib_total = self.eval_total = None
 
     # ---- data ----
     def mine(self, x):

@@ -16,7 +16,9 @@ import pytest
 from conftest import last_json, make_tiny_model, run_cli
 from test_writer import run_args, tree
 
-GPTQ_W4A4 = ["--a-bits", "4", "--weights", "gptq"]
+# 5 windows and 3 evaluation windows: the ranks' shares are uneven (2 and 3, 1 and 2)
+GPTQ_W4A4 = ["--a-bits", "4", "--weights", "gptq", "--samples", "5"]
+EVALS = ["--eval-windows", "3", "--json"]
 
 
 def torchrun(*args: str, env: dict | None = None, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -36,7 +38,7 @@ def model(tmp_path_factory) -> Path:
 def runs(model, eval_text, tmp_path_factory) -> dict:
     """A single-process run and two identical 2-process runs of the same W4A4 DartQuant + GPTQ job."""
     root = tmp_path_factory.mktemp("runs")
-    evals = ["--eval", str(eval_text), "--eval-windows", "4", "--json"]
+    evals = ["--eval", str(eval_text), *EVALS]
     out = {}
     single = run_cli(*run_args(model, root / "single", *GPTQ_W4A4, *evals))
     assert single.returncode == 0, single.stderr
@@ -67,7 +69,7 @@ def test_killed_group_resumes_to_the_same_bytes(model, eval_text, runs, tmp_path
     """Rank 0 is SIGKILLed right after writing block 1 (torchrun then stops rank 1); --resume finishes the job
     with the same bytes as the uninterrupted 2-process run."""
     out = tmp_path / "out"
-    args = run_args(model, out, *GPTQ_W4A4, "--eval", str(eval_text), "--eval-windows", "4", "--json")
+    args = run_args(model, out, *GPTQ_W4A4, "--eval", str(eval_text), *EVALS)
     killed = torchrun(*args, env={"STREAMQUANT_CRASH_AT": "after:block-00001.safetensors"})
     assert killed.returncode != 0
     manifest = json.loads((out / "streamquant_manifest.json").read_text())
