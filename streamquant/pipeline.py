@@ -15,6 +15,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -367,9 +368,10 @@ class Pipeline:
             t0 = time.perf_counter()
             for k, name in enumerate(group):
                 # with several ranks, one owner per linear solves (round-robin) and broadcasts the result
+                solve = partial(gptq.quantize, linears[name].weight.data, wcfg, act_order=self.cfg.act_order,
+                                damp=self.cfg.damp, free_hessian=k == len(group) - 1)
                 result = self.dist.solve(len(linears) * self.stats.block["block"] + self.arch.linear_names.index(name),
-                                         lambda: gptq.quantize(linears[name].weight.data, wcfg, act_order=self.cfg.act_order,
-                                                               damp=self.cfg.damp, free_hessian=k == len(group) - 1))
+                                         solve)
                 linears[name].weight.data = result.weight.to(linears[name].weight.dtype)
                 codes[name] = (result.q, result.scale, result.zero)
                 losses[name] = float(result.loss)
