@@ -100,3 +100,36 @@ def test_too_few_windows_for_the_ranks_is_refused(model, tmp_path):
     assert res.returncode != 0
     assert "cannot be shared by 2 ranks" in res.stderr, res.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_window_shares_and_sampled_rows_are_split_exactly_once(world):
+    """The shares tile the windows (sizes within one of each other), and the sampled rows each rank fills put
+    together give back exactly the rows one process samples (fast: no processes, no collectives)."""
+    import torch
+
+    from streamquant.distributed import Group
+    from streamquant.pipeline import _token_subset
+    from streamquant.plan import Workload
+
+    seqlen = 7
+    for n in (world, 8, 13):
+        ranks = []
+        for r in range(world):
+            g = Group.__new__(Group)     # the pure parts of a rank: its share and its rows, no process group
+            g.rank, g.world = r, world
+            ranks.append(g)
+        shares = [g.shard(n) for g in ranks]
+        assert shares[0].start == 0 and shares[-1].stop == n
+        assert all(a.stop == b.start for a, b in zip(shares, shares[1:]))
+        assert max(s.stop - s.start for s in shares) - min(s.stop - s.start for s in shares) <= 1
+        rows = _token_subset(n * seqlen, 3 * n, torch.Generator().manual_seed(n))
+        got = torch.full_like(rows, -1)
+        for g, s in zip(ranks, shares):
+            local, part = g.local_rows(rows, s.start * seqlen, s.stop * seqlen)
+            assert bool((local >= 0).all() and (local < (s.stop - s.start) * seqlen).all())
+            assert bool((got[part] == -1).all())
+            got[part] = local + s.start * seqlen
+        assert torch.equal(got, rows)
+        work = ranks[0].fit_workload(Workload(samples=n, seqlen=seqlen, eval_windows=n))   # the planner's per-rank share
+        assert work.samples == max(s.stop - s.start for s in shares) == work.eval_windows
