@@ -44,7 +44,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import math
 import os
 from dataclasses import replace
 
@@ -262,9 +261,9 @@ class Group(Solo):
                             f"data): start every rank with the same command, files and versions")
 
     def fit_workload(self, work):
-        """The planner plans one rank: its share of the windows (the largest share), the whole reservoir."""
-        share = lambda n: math.ceil(n / self.world) if n else n  # noqa: E731
-        return replace(work, samples=share(work.samples), eval_windows=share(work.eval_windows))
+        """The planner plans one rank: the largest share of the windows' hidden states, the whole reservoir and
+        R2 rows (every rank holds them assembled)."""
+        return replace(work, ranks=self.world)
 
     def report(self):
         return {"distributed": {"world_size": self.world, "backend": self.backend, "timeout_s": self.timeout_s}}

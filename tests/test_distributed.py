@@ -132,4 +132,25 @@ def test_window_shares_and_sampled_rows_are_split_exactly_once(world):
             got[part] = local + s.start * seqlen
         assert torch.equal(got, rows)
         work = ranks[0].fit_workload(Workload(samples=n, seqlen=seqlen, eval_windows=n))   # the planner's per-rank share
-        assert work.samples == max(s.stop - s.start for s in shares) == work.eval_windows
+        assert work.share(work.samples) == max(s.stop - s.start for s in shares) == work.share(work.eval_windows)
+
+
+def test_the_planner_plans_one_rank(model):
+    """A rank's plan holds its share of the hidden states (6 windows on 2 ranks: those of 3 windows) but the whole
+    R1 reservoir and R2 rows (assembled on every rank: those of 6 windows)."""
+    import torch
+
+    from streamquant.plan import Workload, predict
+    from streamquant.shards import ShardIndex
+    from streamquant.spec import read_spec
+
+    spec = read_spec(model)
+    index = ShardIndex(model, spec)
+
+    def plan(samples, ranks):
+        work = Workload(samples=samples, seqlen=48, eval_windows=samples, r1_reservoir_bytes=1 << 30, ranks=ranks)
+        return predict(spec, index, work, torch.float32, "cuda", 1, 0).stages
+
+    rank, half, whole = plan(6, 2), plan(3, 1), plan(6, 1)
+    assert rank["embed"] == half["embed"] != whole["embed"]       # the hidden states: one rank's share
+    assert rank["r1"] == whole["r1"] != half["r1"]                # the reservoir: all of it (token-limited here)
