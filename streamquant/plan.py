@@ -46,6 +46,11 @@ class Workload:
     group_size: int = -1              # weight scales per group of input columns (-1: one per output channel)
     w_asym: bool = False              # asymmetric weights also store packed zero points
     r4_stored: bool = False           # compressed-tensors export with R4 online: a dense fp32 R4 per block
+    ranks: int = 1                    # torchrun processes: a rank holds its share of the windows, all sampled rows
+
+    def share(self, windows: int) -> int:
+        """The most windows one rank holds (streamquant.distributed splits them contiguously)."""
+        return -(-windows // self.ranks)
 
 
 @dataclass
@@ -130,8 +135,8 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
     compute = spec.block_params() * b                            # one built block in the compute dtype
     codes = spec.block_params() if work.w_bits < 16 else 0       # int8 codes kept for the writer
     widest = max(i * h, q * h)
-    hidden = work.samples * work.seqlen * h * b
-    eval_hidden = work.eval_windows * work.seqlen * h * b
+    hidden = work.share(work.samples) * work.seqlen * h * b
+    eval_hidden = work.share(work.eval_windows) * work.seqlen * h * b
     on_gpu = device == "cuda"
     scores = micro_batch * spec.num_heads * work.seqlen ** 2 * b  # an explicit mask makes SDPA materialise scores
     scores = scores if spec.sliding_window and work.seqlen > spec.sliding_window else 0
@@ -140,7 +145,7 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
     sides = len(spec.arch.capture_points)                        # reservoir rows are sampled per (layer, side)
     per_side = reservoir_rows(work.samples, work.seqlen, h, L, sides, work.r1_reservoir_bytes)
     rows = sides * L * per_side
-    captured = capture_windows(work.samples, work.seqlen, per_side) * work.seqlen * h * b
+    captured = work.share(capture_windows(work.samples, work.seqlen, per_side)) * work.seqlen * h * b
     reservoir = rows * h * 4 if dart else 0
     r1_train = 10 * h * h * 4 if dart else 0                     # Z, grad, momentum, Q, R and autograd buffers
     whip_eval = 5 * min(8192, rows) * h * 4 if dart else 0       # a chunk of rows, rotated, |.|, exp
@@ -278,13 +283,13 @@ def fit_micro_batch(spec, index, work: Workload, dtype: torch.dtype, device: str
     if requested is not None:
         mb = requested
     elif device == "cuda" and gpu_budget is not None:
-        lo, hi = 1, max(1, work.samples or work.eval_windows)
+        lo, hi = 1, max(1, work.share(work.samples) or work.share(work.eval_windows))
         while lo < hi:  # the prediction grows with the micro-batch: binary search the largest that fits
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if at(mid).peak_gpu_bytes <= gpu_budget else (lo, mid - 1)
         mb = lo
     else:
-        mb = min(max(1, work.samples or work.eval_windows), micro_batch_for(work.seqlen, spec.hidden_size, spec.intermediate_size, dtype))
+        mb = min(max(1, work.share(work.samples) or work.share(work.eval_windows)), micro_batch_for(work.seqlen, spec.hidden_size, spec.intermediate_size, dtype))
     plan = at(mb)
     plan.min_gpu_bytes = at(1).peak_gpu_bytes
     plan.gpu_budget = gpu_budget
