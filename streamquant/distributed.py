@@ -16,8 +16,9 @@ What crosses ranks, and why this way:
   minibatch across ranks and change the optimisation with the world size; gathering keeps it the single-process one.
 * **GPTQ Hessians: summed.** Each rank accumulates the plain sum Σ x xᵀ and the row count of its own windows; both
   are all-reduced (sum), which is exactly the single-process H = 2/N Σ x xᵀ up to fp32 summation order.
-* **GPTQ solves: one owner per linear, round-robin** (block · linears + position, mod N). The owner solves and
-  broadcasts codes, scales, zeros, the dequantized weight and the loss; the others skip the solve.
+* **GPTQ solves: one owner per Hessian group, round-robin** (block · groups + group, mod N; a group's linears,
+  q/k/v or gate/up, are one stacked scan). The owner solves and broadcasts codes, scales, zeros, the dequantized
+  weight and the per-row losses; the others skip the solve.
 * **Output and resume: rank 0 alone writes.** On --resume rank 0 reads the manifest and broadcasts the number of
   finished blocks, the saved R1 and each finished block's quantized weights (so the other ranks replay them without
   a shared filesystem).
