@@ -31,8 +31,9 @@ err = Console(stderr=True, emoji=False)
 
 
 def say(label: str, message: str) -> None:
-    """One line on stderr: a red label, then the message exactly as written."""
-    err.print(f"[bold red]{label}[/] {escape(message)}", highlight=False, soft_wrap=True)
+    """One line on stderr: a red label, then the message exactly as written (under torchrun, which rank said it)."""
+    rank = f"rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    err.print(f"[bold red]{rank}{label}[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -171,6 +172,7 @@ def run_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the scheme, output directory and memory plan (the same as `plan` with these options) and exit; reads config, headers and tokenizer, writes nothing."),
     fmt: str = typer.Option("auto", "--format", help="auto, pack-quantized (W4A16/W4A8), int-quantized (W8A8): compressed-tensors for transformers/vLLM; streamquant (R3, KV, asymmetric or clipped activations)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
+    dist_timeout: float = typer.Option(7200, "--dist-timeout", help="Under torchrun: seconds any collective may wait for the other ranks (a GPTQ solve, a block write) before the group fails."),
 ) -> None:
     """Quantize: capture → calibrate R1 → per block rotate, calibrate R2, quantize, write."""
     from dataclasses import replace as dc_replace
@@ -204,7 +206,18 @@ def run_cmd(
                       soft_wrap=True)
         show_plan(plan, False)
         return
-    prepared = prepare(cfg)
+    from streamquant.distributed import join
+
+    group = join(cfg.device, dist_timeout)   # one process (Solo) unless started by torchrun
+    prepared = prepare(cfg, group=group)
+    if not group.writes:   # torchrun: rank 0 alone writes, shows progress and prints the result
+        with SafeStop(lambda message: None) as stop:   # Ctrl-C: the group stops together at a block boundary
+            try:
+                Pipeline(prepared, sink=None, should_stop=stop).run()
+            except Stopped:
+                raise typer.Exit(130)
+        group.close()
+        return
     sink = None
     if out_dir is not None:
         from streamquant.writer import OutputWriter
@@ -233,6 +246,7 @@ def run_cmd(
                 say("aborted:", f"finished blocks are kept in {out_dir}; continue with: {resume_cmd}")
             raise
         progress.line(f"done in {result['seconds']:.1f}s")
+    group.close()
     if as_json:
         print(json.dumps(result))
         return

@@ -13,7 +13,10 @@ from streamquant.errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
+    """The run's device; under torchrun (`local_rank`), 'auto' and 'cuda' mean this rank's GPU, cuda:LOCAL_RANK."""
+    if local_rank is not None and name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -15,6 +15,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -145,25 +146,28 @@ class Pipeline:
                              pin=pin_host_memory(self.device))
         self.stats = Stats(device=self.device, on_stage=on_stage)
         self.should_stop = should_stop or (lambda: False)   # polled between blocks (Ctrl-C stops at a safe point)
+        self.dist = prepared.group   # torchrun ranks (streamquant.distributed); Solo, a no-op, for one process
 
     @full_fp32_matmuls()   # Hessians, QR, the Whip loss and rotations in true fp32 even if the caller enabled TF32
     def run(self) -> dict:
         start, stats = time.perf_counter(), self.stats
         with stats.stage("load"):
             calib, evals = self.load_data()   # before the output exists: bad data leaves no directory behind
+            self.dist.agree(self.prepared.identity(), self.plan.micro_batch, calib, evals)
         r1, done = self.sink.begin(self.prepared.identity(), self.prepared.format) if self.sink else (None, 0)
+        r1, done = self.dist.resume_state(r1, done)   # rank 0 alone writes, and reads back
         if r1 is None:  # a resumed run reuses the saved R1 (and skips the capture pass that fed it)
             reservoir = None
             if self.cfg.method == "dart":
                 with stats.stage("capture"):
                     reservoir = self.capture(calib)
             with stats.stage("r1"):
-                r1 = self.calibrate_r1(reservoir)
+                r1 = self.dist.same(self.calibrate_r1(reservoir))
                 del reservoir
             if self.sink is not None:
                 self.sink.write_r1(r1)
         with stats.stage("embed"):
-            hidden, eval_hidden = self.embed(r1, calib, evals)
+            hidden, eval_hidden = self.embed(r1, self.dist.mine(calib), self.dist.mine(evals))
         with stats.stage("replay"):
             self.replay(done, hidden, eval_hidden)
         self.quantize_blocks(r1, done, hidden, eval_hidden)
@@ -203,25 +207,28 @@ class Pipeline:
         calib = calib[: capture_windows(cfg.samples, cfg.seqlen, per_side)]
         total = calib.numel()
         per_side = min(per_side, total)
-        reservoir = torch.empty(sides * spec.num_layers * per_side, spec.hidden_size, dtype=torch.float32)
+        reservoir = torch.zeros(sides * spec.num_layers * per_side, spec.hidden_size, dtype=torch.float32)
         reservoir = reservoir.pin_memory() if engine.pin else reservoir
-        hidden = engine.embed(self.index.load_embedding(), calib)
+        mine = self.dist.shard(calib.shape[0])   # with several ranks, each captures its share of these windows
+        lo, hi = mine.start * calib.shape[1], mine.stop * calib.shape[1]
+        hidden = engine.embed(self.index.load_embedding(), calib[mine]) if hi > lo else None
         with BlockPrefetcher(self.index, pin=engine.pin) as prefetch:
-            for i, weights in prefetch.blocks():
+            for i, weights in prefetch.blocks(spec.num_layers if hidden is None else 0):
                 plain_weights = rotate_block(weights, spec, None, None, None, engine.device)  # norms fused only
                 layer = build_rotated_layer(engine, i, plain_weights, Runtime())
                 del weights, plain_weights
                 hooks = Hooks()
                 for side, name in enumerate(self.arch.capture_points):
                     start = (sides * i + side) * per_side
-                    hooks.sample(layer.get_submodule(name), _token_subset(total, per_side, self.generator(side, i)),
-                                 reservoir[start: start + per_side])
+                    rows, part = self.dist.local_rows(_token_subset(total, per_side, self.generator(side, i)), lo, hi)
+                    hooks.sample(layer.get_submodule(name), rows,
+                                 reservoir[start: start + per_side][part])
                 engine.run_block(layer, hidden)
                 hooks.remove()
                 del layer
                 release_host_memory()
                 self.progress("capture", i + 1, spec.num_layers)
-        return reservoir
+        return self.dist.sum_(reservoir)   # every rank's rows in place: the reservoir one process would capture
 
     # ---- stage 2: R1 ----
     def calibrate_r1(self, reservoir: torch.Tensor | None) -> torch.Tensor | None:
@@ -250,7 +257,8 @@ class Pipeline:
     def replay(self, done: int, hidden: torch.Tensor | None, eval_hidden: torch.Tensor | None) -> None:
         """Resume: the finished blocks run again from their *quantized* weights on disk."""
         for i in range(done):
-            layer = build_rotated_layer(self.engine, i, self.sink.block_weights(i), self.runtime)
+            weights = self.dist.from_rank0(self.sink.block_weights(i) if self.sink is not None else None)
+            layer = build_rotated_layer(self.engine, i, weights, self.runtime)
             for states in (hidden, eval_hidden):
                 if states is not None:
                     self.engine.run_block(layer, states)
@@ -265,7 +273,7 @@ class Pipeline:
         stats, engine, wcfg = self.stats, self.engine, self.cfg.weight_cfg
         with BlockPrefetcher(self.index, pin=engine.pin) as prefetch:
             for i, original in prefetch.blocks(done):
-                if self.should_stop():   # blocks < i are written and in the manifest: a valid, resumable output
+                if self.dist.any(self.should_stop()):  # blocks < i are written and in the manifest: resumable
                     raise Stopped(i, self.spec.num_layers)
                 stats.block = {"block": i, "forward_equivalents": 0.0}
                 weights, r2, early = self.rotate(i, original, r1, hidden)
@@ -314,18 +322,20 @@ class Pipeline:
         the Hessians of the groups that read the block input (q/k/v: R2 only acts on v's output)."""
         spec, cfg, arch = self.spec, self.cfg, self.arch
         seed = cfg.seed + 1000 * (i + 1)
-        rows = _token_subset(hidden.shape[0] * hidden.shape[1], cfg.r2_tokens, self.generator(2, i))
-        samples = torch.empty(rows.numel(), spec.num_heads * spec.head_dim, dtype=torch.float32)
+        windows = self.dist.shard(cfg.samples)   # this rank's windows of the calibration set (all, alone)
+        rows = _token_subset(cfg.samples * hidden.shape[1], cfg.r2_tokens, self.generator(2, i))
+        samples = torch.zeros(rows.numel(), spec.num_heads * spec.head_dim, dtype=torch.float32)
+        local, part = self.dist.local_rows(rows, windows.start * hidden.shape[1], windows.stop * hidden.shape[1])
         hooks = Hooks()
-        hooks.sample(layer.get_submodule(arch.r2_output), rows, samples)
+        hooks.sample(layer.get_submodule(arch.r2_output), local, samples[part])
         early = self.hessians(layer, hooks, before=arch.r2_value) if cfg.weights == "gptq" and cfg.weight_cfg else {}
         self.pass_until(layer, hidden, arch.r2_output)
         hooks.remove()
-        results = train_r2(samples, spec.num_kv_heads, spec.head_dim, spec.heads_per_group,
+        results = train_r2(self.dist.sum_(samples), spec.num_kv_heads, spec.head_dim, spec.heads_per_group,
                            replace(cfg.r2_train, seed=seed), seed, device=self.device)
         self.stats.r2.append({"layer": i, "init_loss": sum(r.init_loss for r in results),
                               "final_loss": sum(r.final_loss for r in results)})
-        return torch.stack([r.rotation for r in results]), early
+        return self.dist.same(torch.stack([r.rotation for r in results])), early
 
     def hessians(self, layer: nn.Module, hooks: Hooks, before: str | None = None, group: int | None = None
                  ) -> dict[int, GPTQ]:
@@ -360,20 +370,26 @@ class Pipeline:
                 gptq = self.hessians(layer, hooks, group=g)[g]
                 self.pass_until(layer, hidden, group[0])
                 hooks.remove()
+            self.dist.reduce_hessian(gptq)   # Σ x xᵀ and row counts of every rank's windows
             t0 = time.perf_counter()
             self.stats.block.setdefault("gptq_tokens", {})[group[0]] = gptq.n_samples   # per expert in a MoE block
             if group[0] in self.arch.routed and gptq.n_samples < GPTQ_MIN_TOKENS:   # an expert few tokens reached
+                # (the count is summed over ranks, so every rank falls back alike; RTN needs no broadcast)
                 self.stats.block.setdefault("rtn_fallback", {}).update({name: gptq.n_samples for name in group})
                 codes |= quantize_layer_rtn(layer, self.arch, wcfg, names=group)
                 del gptq
                 continue
-            for k, name in enumerate(group):
-                result = gptq.quantize(linears[name].weight.data, wcfg, act_order=self.cfg.act_order,
-                                       damp=self.cfg.damp, free_hessian=k == len(group) - 1)
-                linears[name].weight.data = result.weight.to(linears[name].weight.dtype)
-                codes[name] = (result.q, result.scale, result.zero)
-                losses[name] = float(result.loss)
-            del gptq
+            weights = [linears[name].weight.data for name in group]
+            stacked = torch.cat(weights) if len(weights) > 1 else weights[0]   # one scan for the shared H
+            # with several ranks, one owner per group solves (round-robin) and broadcasts the result
+            solve = partial(gptq.quantize, stacked, wcfg, act_order=self.cfg.act_order, damp=self.cfg.damp,
+                            free_hessian=True)
+            result = self.dist.solve(len(self.arch.gptq_order) * self.stats.block["block"] + g, solve)
+            del gptq, stacked, solve
+            for name, part in zip(group, result.split([w.shape[0] for w in weights])):
+                linears[name].weight.data = part.weight.to(linears[name].weight.dtype)
+                codes[name] = (part.q, part.scale, part.zero)
+                losses[name] = part.loss
             self.stats.block["gptq_solve"] = self.stats.block.get("gptq_solve", 0.0) + time.perf_counter() - t0
         return codes, losses
 
@@ -396,12 +412,13 @@ class Pipeline:
         }
         if eval_hidden is not None:
             with stats.stage("eval"):
-                nll = self.engine.head_nll(norm_w, head_w, eval_hidden, evals, self.spec.rms_norm_eps)
+                nll = self.engine.head_nll(norm_w, head_w, eval_hidden, self.dist.mine(evals), self.spec.rms_norm_eps)
+                nll = self.dist.assemble_windows(nll, evals.shape[0])
             result |= {"ppl": math.exp(float(nll.mean())), "eval_windows": int(evals.shape[0])}
         result |= {"plan": self.plan.to_json(), "memory": self.predicted_vs_measured(),
                    "stage_seconds": dict(stats.seconds), "stage_peaks": stats.peaks, "blocks": stats.blocks,
                    "seconds": seconds, "peak_host_bytes": peak_host_bytes(), "peak_gpu_bytes": peak_gpu_bytes(self.device),
-                   "r1": stats.r1, "r2": stats.r2}
+                   "r1": stats.r1, "r2": stats.r2, **self.dist.report()}
         if self.sink is not None:
             self.sink.finish(norm_w, head_w, result, p.model_dir)
         return result

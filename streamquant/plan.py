@@ -46,6 +46,11 @@ class Workload:
     group_size: int = -1              # weight scales per group of input columns (-1: one per output channel)
     w_asym: bool = False              # asymmetric weights also store packed zero points
     r4_stored: bool = False           # compressed-tensors export with R4 online: a dense fp32 R4 per block
+    ranks: int = 1                    # torchrun processes: a rank holds its share of the windows, all sampled rows
+
+    def share(self, windows: int) -> int:
+        """The most windows one rank holds (streamquant.distributed splits them contiguously)."""
+        return -(-windows // self.ranks)
 
 
 @dataclass
@@ -132,8 +137,8 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
     compute = spec.block_params() * b                            # one built block in the compute dtype
     codes = spec.block_params() if work.w_bits < 16 else 0       # int8 codes kept for the writer
     widest = max(i * h, q * h)
-    hidden = work.samples * work.seqlen * h * b
-    eval_hidden = work.eval_windows * work.seqlen * h * b
+    hidden = work.share(work.samples) * work.seqlen * h * b
+    eval_hidden = work.share(work.eval_windows) * work.seqlen * h * b
     on_gpu = device == "cuda"
     scores = micro_batch * spec.num_heads * work.seqlen ** 2 * b  # an explicit mask makes SDPA materialise scores
     scores = scores if spec.sliding_window and work.seqlen > spec.sliding_window else 0
@@ -142,12 +147,12 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
     sides = len(spec.arch.capture_points)                        # reservoir rows are sampled per (layer, side)
     per_side = reservoir_rows(work.samples, work.seqlen, h, L, sides, work.r1_reservoir_bytes)
     rows = sides * L * per_side
-    captured = capture_windows(work.samples, work.seqlen, per_side) * work.seqlen * h * b
+    captured = work.share(capture_windows(work.samples, work.seqlen, per_side)) * work.seqlen * h * b
     reservoir = rows * h * 4 if dart else 0
     r1_train = 10 * h * h * 4 if dart else 0                     # Z, grad, momentum, Q, R and autograd buffers
     whip_eval = 5 * min(8192, rows) * h * 4 if dart else 0       # a chunk of rows, rotated, |.|, exp
     r2_samples = min(work.r2_tokens, work.samples * work.seqlen) * q * 4 if dart else 0
-    weight_quant = _weight_quant_moments(spec, work, compute + codes, act, stored, widest)
+    weight_quant = _weight_quant_moments(spec, work, compute + codes, act, stored, widest, b)
     gptq = work.weights == "gptq" and work.w_bits < 16
     early_h = h * h * 4 if dart and gptq else 0                  # the R2 pass also fills q/k/v's Hessian
     embed_stored = index.entries[spec.arch.embed].nbytes
@@ -187,7 +192,8 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
     return Plan(micro_batch, device, out, output_bytes(spec, work, b), base_host_bytes=base_host_bytes)
 
 
-def _weight_quant_moments(spec, work: Workload, block: int, forward: int, stored: int, widest: int) -> list[Moment]:
+def _weight_quant_moments(spec, work: Workload, block: int, forward: int, stored: int, widest: int, b: int
+                          ) -> list[Moment]:
     """Quantizing one block's weights beside the built block and its codes (`block`): GPTQ per group runs a forward
     (`forward`: activations and scratch) that feeds one Hessian, then solves; RTN holds an fp32 work copy and the
     dequantized weight."""
@@ -197,9 +203,13 @@ def _weight_quant_moments(spec, work: Workload, block: int, forward: int, stored
     if work.weights != "gptq":
         return [Moment(block + 2 * widest * 4, stored)]
     hessian = max(h * h, i * i) * 4   # H; the hook's fp32 input copy fits in the act envelope (act/up are freed by then)
-    # GPTQ.quantize: at the Cholesky, H (kept for a sibling linear: + its clone) and L beside the fp32 work copy W;
-    # later one inverse factor beside W, the codes and the result (measured at in 8192 and 14336 to within 2 %)
-    solve = max(max(3 * h * h, 2 * i * i) * 4 + widest * 4, max(h * h, i * i) * 4 + 3 * widest * 4)
+    # GPTQ.quantize scans a group's stacked rows (q/k/v, gate/up) at once: the stacked copy in the block dtype, and at
+    # the Cholesky H (in the sum's memory) and L beside the fp32 work copy W; later one inverse factor beside W, the
+    # codes and the result (measured per linear at in 8192 and 14336 to within 2 %; stacked rows not re-measured)
+    dims = spec.dims()
+    shape = {lin.name: (dims[lin.out], dims[lin.inp]) for lin in spec.arch.linears}
+    stacked = max(sum(shape[n][0] for n in group) * shape[group[0]][1] for group in spec.arch.gptq_order)
+    solve = stacked * b + max(2 * hessian + stacked * 4, hessian + 3 * stacked * 4)
     return [Moment(block + forward + hessian, stored), Moment(block + solve, stored)]
 
 
@@ -275,13 +285,13 @@ def fit_micro_batch(spec, index, work: Workload, dtype: torch.dtype, device: str
     if requested is not None:
         mb = requested
     elif device == "cuda" and gpu_budget is not None:
-        lo, hi = 1, max(1, work.samples or work.eval_windows)
+        lo, hi = 1, max(1, work.share(work.samples) or work.share(work.eval_windows))
         while lo < hi:  # the prediction grows with the micro-batch: binary search the largest that fits
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if at(mid).peak_gpu_bytes <= gpu_budget else (lo, mid - 1)
         mb = lo
     else:
-        mb = min(max(1, work.samples or work.eval_windows), micro_batch_for(work.seqlen, spec.hidden_size, spec.mlp_width, dtype))
+        mb = min(max(1, work.share(work.samples) or work.share(work.eval_windows)), micro_batch_for(work.seqlen, spec.hidden_size, spec.mlp_width, dtype))
     plan = at(mb)
     plan.min_gpu_bytes = at(1).peak_gpu_bytes
     plan.gpu_budget = gpu_budget

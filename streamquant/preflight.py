@@ -16,6 +16,7 @@ import torch
 from streamquant import __version__
 from streamquant.data import BYTES_PER_TOKEN, CALIB_PIECE_CHARS, load_tokenizer, text_bytes
 from streamquant.device import (cap_gpu_memory, free_gpu_bytes, resolve_device, resolve_dtype, warm_up)
+from streamquant.distributed import Solo
 from streamquant.errors import UserError
 from streamquant.formats import COMPRESSED_TENSORS, FORMATS, OutputFormat, exportable_activations, resolve_format
 from streamquant.memory import current_host_bytes, return_freed_memory_to_os
@@ -160,6 +161,7 @@ class Prepared:
     plan: Plan
     format: OutputFormat
     runtime: Runtime
+    group: Solo = field(default_factory=Solo)   # torchrun ranks (streamquant.distributed); Solo alone
 
     def identity(self) -> dict:
         """What an output records of its run: a resume must match it (device and micro-batch may change)."""
@@ -170,24 +172,27 @@ class Prepared:
                 "runtime": self.runtime.to_json(), "num_layers": self.spec.num_layers}
 
 
-def prepare(cfg: RunConfig, plan_only: bool = False) -> Prepared:
+def prepare(cfg: RunConfig, plan_only: bool = False, group: Solo | None = None) -> Prepared:
     """Resolve, plan and refuse before any work. `plan_only` (plan, --dry-run) plans without running: `--device
     cuda` is planned on a machine without a GPU, `--device auto` means CUDA when `--gpu-mem` is given, and a host or
-    disk shortfall of this machine is not refused (the plan says what the run needs; `run` refuses it)."""
+    disk shortfall of this machine is not refused (the plan says what the run needs; `run` refuses it).
+    Under torchrun (`group`) every rank runs this: it plans its own share of the windows on its own device
+    (cuda:LOCAL_RANK), and the ranks take the smallest micro-batch any of them planned."""
+    group = group or Solo()
     cfg.check()
     model_dir = resolve_model(cfg.model)
     spec = read_spec(model_dir)
     if cfg.weight_cfg is not None:
         check_group_size(spec, cfg.weight_cfg)   # before any work, not at block 0 after capture and R1
     index = ShardIndex(model_dir, spec)
-    device = _planned_device(cfg) if plan_only else resolve_device(cfg.device)
+    device = _planned_device(cfg) if plan_only else resolve_device(cfg.device, group.local_rank)
     dtype = resolve_dtype(cfg.dtype, device)
     return_freed_memory_to_os()
     tokenizer = load_tokenizer(model_dir)
     spec.arch.hf_class("layer")   # the baseline RSS includes tokenizer, model code and device runtime
     if device.type != "cuda" or torch.cuda.is_available():
         warm_up(device)
-    work = cfg.workload()
+    work = group.fit_workload(cfg.workload())
     plan = fit_micro_batch(spec, index, work, dtype, device.type, cfg.gpu_mem, current_host_bytes(), cfg.micro_batch)
     free = free_gpu_bytes(device) if torch.cuda.is_available() else None
     if cfg.gpu_mem is None and free is not None and plan.peak_gpu_bytes > free:
@@ -195,6 +200,9 @@ def prepare(cfg: RunConfig, plan_only: bool = False) -> Prepared:
         # now, with the minimum, when even one sample per micro-batch does not fit, instead of an OOM hours in)
         plan = fit_micro_batch(spec, index, work, dtype, device.type, free, current_host_bytes(), cfg.micro_batch,
                                budget_name="the GPU's free memory,")
+    smallest = group.min_int(plan.micro_batch)   # all ranks batch their forwards alike
+    if smallest != plan.micro_batch:
+        plan = fit_micro_batch(spec, index, work, dtype, device.type, cfg.gpu_mem, current_host_bytes(), smallest)
     if not plan_only:
         check_room(plan, cfg.out, copied_files_bytes(model_dir))
         if cfg.gpu_mem is not None:
@@ -215,7 +223,7 @@ def prepare(cfg: RunConfig, plan_only: bool = False) -> Prepared:
         raise UserError(f"--format {fmt_name}: a {spec.model_type} (MoE) export holds 4-bit weights only (W4A16, no "
                         f"--r4-online, no activation quantization); use --format streamquant for the rest")
     fmt = OutputFormat(fmt_name, spec, cfg.weight_cfg, runtime, dtype)
-    return Prepared(cfg, model_dir, spec, index, device, dtype, tokenizer, plan, fmt, runtime)
+    return Prepared(cfg, model_dir, spec, index, device, dtype, tokenizer, plan, fmt, runtime, group)
 
 
 def _planned_device(cfg: RunConfig) -> torch.device:

@@ -387,6 +387,31 @@ def test_free_hessian_gives_same_result_and_releases_memory():
         g.add_batch(x)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("group_size,act_order,mse_clip", [(-1, False, False), (32, False, False),
+                                                            (32, True, False), (-1, True, True), (32, False, True)])
+def test_one_scan_over_stacked_rows_equals_separate_scans(group_size, act_order, mse_clip, threads):
+    """q/k/v (and gate/up) share H: one scan over their stacked rows must give exactly the separate scans' codes,
+    grids and weights (what makes stacking a pure speed change), whatever the row counts and BLAS threads."""
+    torch.manual_seed(21)
+    x = _correlated_inputs(2048, 256, seed=21)
+    weights = [torch.randn(rows, 256) * 0.05 for rows in (256, 64, 64, 300)]
+    cfg = WeightQuantConfig(bits=4, group_size=group_size, symmetric=False, mse_clip=mse_clip)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = GPTQ(256)
+        g.add_batch(x)
+        separate = [g.quantize(w, cfg, act_order=act_order, block_size=64) for w in weights]
+        stacked = g.quantize(torch.cat(weights), cfg, act_order=act_order, block_size=64, free_hessian=True)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(separate, stacked.split([w.shape[0] for w in weights])):
+        for field in ("q", "scale", "zero", "weight", "row_loss"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+        assert a.loss == pytest.approx(b.loss, rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------- MSE clip
 
 

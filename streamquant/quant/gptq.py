@@ -26,6 +26,7 @@ deliberate choices:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -56,9 +57,9 @@ class GPTQResult:
     ``scale`` / ``zero`` ``[out, G]`` in the weight's dtype; ``weight`` the dequantized weight
     ``(q − zero) · scale`` in the weight's dtype; ``g_idx`` the group of each input column when it differs
     from ``col // group_size`` (never, with the static groups used under act_order; kept for formats that
-    store it); ``loss`` the summed GPTQ objective ``Σ (w − ŵ)² / d² / 2`` (``d`` the diagonal of the Cholesky
-    factor of ``H⁻¹``), which equals ``Σ_rows (w − ŵ)ᵀ (H + λI) (w − ŵ) / 2`` — in the units of
-    ``H = 2/N XᵀX``, i.e. ``‖X(W − Ŵ)ᵀ‖² / N`` plus the dampening term.
+    store it); ``row_loss`` each row's GPTQ objective ``Σ (w − ŵ)² / d² / 2`` (``d`` the diagonal of the Cholesky
+    factor of ``H⁻¹``), which equals ``(w − ŵ)ᵀ (H + λI) (w − ŵ) / 2`` — in the units of ``H = 2/N XᵀX``, i.e.
+    ``‖X(w − ŵ)‖² / N`` plus the dampening term; ``loss`` their sum.
     """
 
     q: Tensor
@@ -66,7 +67,21 @@ class GPTQResult:
     zero: Tensor
     weight: Tensor
     g_idx: Tensor | None
-    loss: float
+    row_loss: Tensor
+
+    @property
+    def loss(self) -> float:
+        return float(self.row_loss.sum())
+
+    def split(self, rows: Sequence[int]) -> list[GPTQResult]:
+        """The results of the linears whose weights were stacked (``rows`` each) into one scan.
+
+        Linears that read the same input (q/k/v, gate/up) share H, so GPTQ can quantize their stacked rows in one
+        scan: every step of the scan is per row except the lazy block update, a matmul whose per-entry result does
+        not depend on how many rows are stacked (tested for exact equality), so the codes equal separate scans.
+        """
+        parts = [t.split(list(rows)) for t in (self.q, self.scale, self.zero, self.weight, self.row_loss)]
+        return [GPTQResult(q, s, z, w, self.g_idx, loss) for q, s, z, w, loss in zip(*parts)]
 
 
 class GPTQ:
@@ -178,7 +193,7 @@ class GPTQ:
             # The same fp32 arithmetic as the scan's ŵ (same codes, same grid), rounded once to the weight dtype.
             weight=dequantize_weight(codes, scales, zeros, group_size).to(weight.dtype),
             g_idx=None,
-            loss=float(losses.sum()),
+            row_loss=losses,
         )
 
     def _check(self, weight: Tensor, cfg: WeightQuantConfig, block_size: int, damp: float) -> None:
@@ -247,13 +262,13 @@ class GPTQ:
                 c = quantize_to_grid(w, s, z, cfg.bits, cfg.symmetric)
                 q = dequantize_from_grid(c, s, z)
                 C1[:, i] = c
-                losses += (w - q) ** 2 / d**2 / 2
 
                 err1 = (w - q) / d
                 W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
                 Err1[:, i] = err1
 
             codes[:, i1:i2] = C1
+            losses += Err1.square().sum(1) / 2      # Σ ((w − ŵ)/d)² / 2 over the block's columns
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         return codes, losses
 
