@@ -145,11 +145,12 @@ class RotationTrainResult:
     seconds: float = 0.0
 
 
-# A fixed step count, as the reference makes (~100 steps of large batches): each step is one n×n QR, so 1,820
-# steps of 64 rows cost SmolLM2's R1 47 s; 100 steps of ~1,160 rows cost a few seconds, and measured on the quality
-# protocol (SmolLM2 dart W4A16 GPTQ g64) the PPL went from 30.48 to 29.83 (benchmarks/RESULTS.md).
-R1_CONFIG = RotationTrainConfig(epochs=10, batch_size=64)   # batches_per_epoch=10 measured better at W4A16 but
-R2_CONFIG = RotationTrainConfig(epochs=5, batch_size=128)   # lost dart < quarot at W4A4 (test_quality): not the default yet
+# Each step is one n×n QR, so R1's 1,820 steps of 64 rows cost SmolLM2 47–70 s. `batches_per_epoch=10` (100 steps
+# of ~1,160 rows, as the reference's ~100 large steps) takes ~11 s and measured W4A16 PPL 29.83 against 30.48 on the
+# quality protocol (benchmarks/RESULTS.md), but lost dart < quarot at W4A4 in test_quality (342 vs 306): it is an
+# option, not the default, until a regime wins both.
+R1_CONFIG = RotationTrainConfig(epochs=10, batch_size=64)
+R2_CONFIG = RotationTrainConfig(epochs=5, batch_size=128)
 
 EVAL_ROWS = 65536
 _EVAL_CHUNK = 8192
