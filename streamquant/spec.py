@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
-
-from functools import lru_cache
 
 from streamquant.arch import (ARCHS, EXPERT_INTERMEDIATE, EXPERTS, GATE_UP, HEAD_DIM, HIDDEN, INTERMEDIATE, KV, Q, QKV,
                               ArchMap)
