@@ -8,7 +8,9 @@ import importlib.util
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from streamquant.errors import UserError
 
@@ -63,10 +65,42 @@ def smollm2_gguf() -> Path:
 
 
 def smollm2_dir() -> Path:
-    """SmolLM2-135M converted once to a float32 safetensors directory under the cache."""
+    """SmolLM2-135M converted once to a float32 safetensors directory under the cache.
+
+    Processes that start together (parallel test workers, several runs) convert it once: the conversion holds an
+    exclusive lock on a file beside the cache entry, and the others wait for it and then find the entry complete.
+    """
     target = cache_root() / "smollm2-135m"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _complete(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.with_name(target.name + ".lock")):
+        if not _complete(target):
+            _convert_smollm2(target)
+    return target
+
+
+def _complete(target: Path) -> bool:
+    return (target / "config.json").exists() and (target / "model.safetensors").exists()
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An inter-process lock (flock; where there is none, as on Windows, no lock: one process converts at a time)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _convert_smollm2(target: Path) -> None:
     gguf = smollm2_gguf()
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
@@ -92,4 +126,3 @@ def smollm2_dir() -> Path:
     cfg_path.write_text(json.dumps(saved, indent=2))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    return target
