@@ -47,6 +47,7 @@ __all__ = [
     "RotationTrainConfig",
     "RotationTrainResult",
     "train_rotation",
+    "train_rotations",
     "train_r1",
     "train_r2",
     "R1_CONFIG",
@@ -191,17 +192,35 @@ def train_rotation(
     """
     if samples.dim() != 2 or init.shape != (samples.shape[1], samples.shape[1]):
         raise ValueError(f"need samples [N, n] and init [n, n], got {tuple(samples.shape)} and {tuple(init.shape)}")
-    if cfg.batch_size < 1 or not 0.0 < cfg.sample_fraction <= 1.0:
-        raise ValueError(f"bad config {cfg}")
+    return train_rotations(samples[None], init[None], cfg, [cfg.seed], device=device, log=log)[0]
+
+
+def train_rotations(
+    samples: Tensor,
+    init: Tensor,
+    cfg: RotationTrainConfig,
+    seeds: list[int],
+    device: torch.device | str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[RotationTrainResult]:
+    """G independent fits at once: ``samples`` [G, N, n], ``init`` [G, n, n], fit g drawing its rows with
+    ``torch.Generator(seeds[g])``. Each optimizer step is one batched QR and one batched matmul for all G, and the
+    loss is the sum of the G Whip losses, so fit g's gradient (and its SGD/Adam update, which are elementwise) is
+    its own: the result is fit g alone, in G times fewer steps (R2 has one fit per KV head and layer).
+    """
+    if samples.dim() != 3 or init.shape != (samples.shape[0], samples.shape[2], samples.shape[2]):
+        raise ValueError(f"need samples [G, N, n] and init [G, n, n], got {tuple(samples.shape)} and {tuple(init.shape)}")
+    if cfg.batch_size < 1 or not 0.0 < cfg.sample_fraction <= 1.0 or len(seeds) != samples.shape[0]:
+        raise ValueError(f"bad config {cfg} for {samples.shape[0]} fits with seeds {seeds}")
     dev = torch.device(device) if device is not None else samples.device
     t0 = time.perf_counter()
 
-    n_rows = samples.shape[0]
+    fits, n_rows = samples.shape[0], samples.shape[1]
     per_epoch = min(n_rows, max(cfg.batch_size, round(n_rows * cfg.sample_fraction)))
     if cfg.batches_per_epoch:
         cfg = replace(cfg, batch_size=max(1, -(-per_epoch // cfg.batches_per_epoch)))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    init_loss = _eval_whip(samples, init, dev)
+    gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+    init_loss = [_eval_whip(samples[g], init[g], dev) for g in range(fits)]
 
     z = init.detach().to(device=dev, dtype=torch.float32).clone().requires_grad_(True)
     if cfg.optimizer == "sgd":
@@ -211,46 +230,44 @@ def train_rotation(
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r} (sgd | adam)")
 
-    history: list[float] = []
+    history: list[Tensor] = []   # per epoch: each fit's mean training loss [G]
     steps = 0
     for epoch in range(cfg.epochs):
         if cfg.max_steps is not None and steps >= cfg.max_steps:
             break
-        subset = torch.randperm(n_rows, generator=gen)[:per_epoch]
-        epoch_losses, steps = _epoch(samples, subset, z, opt, cfg, dev, steps)
+        subsets = torch.stack([torch.randperm(n_rows, generator=gen)[:per_epoch] for gen in gens])
+        epoch_losses, steps = _epoch(samples, subsets, z, opt, cfg, dev, steps)
         if epoch_losses:
-            history.append(torch.stack(epoch_losses).mean().item())
+            history.append(torch.stack(epoch_losses).mean(0))
             if log is not None:
-                n = init.shape[0]
-                log(f"rotation n={n} epoch {epoch + 1}/{cfg.epochs}: whip {history[-1]:.4f} ({steps} steps)")
+                n = init.shape[-1]
+                log(f"rotation n={n} epoch {epoch + 1}/{cfg.epochs}: whip {history[-1].sum().item():.4f} ({steps} steps)")
 
     with torch.no_grad():
-        rotation = qr_orth(z.detach().double()).cpu()
-    final_loss = _eval_whip(samples, rotation, dev)
+        rotations = qr_orth(z.detach().double()).cpu()
+    results = [RotationTrainResult(rotation=rotations[g], loss_history=[float(h[g]) for h in history],
+                                   init_loss=init_loss[g], final_loss=_eval_whip(samples[g], rotations[g], dev),
+                                   steps=steps) for g in range(fits)]
     _sync(dev)
-    return RotationTrainResult(
-        rotation=rotation,
-        loss_history=history,
-        init_loss=init_loss,
-        final_loss=final_loss,
-        steps=steps,
-        seconds=time.perf_counter() - t0,
-    )
+    for r in results:
+        r.seconds = time.perf_counter() - t0
+    return results
 
 
-def _epoch(samples: Tensor, subset: Tensor, z: Tensor, opt: torch.optim.Optimizer, cfg: RotationTrainConfig,
+def _epoch(samples: Tensor, subsets: Tensor, z: Tensor, opt: torch.optim.Optimizer, cfg: RotationTrainConfig,
            dev: torch.device, steps: int) -> tuple[list[Tensor], int]:
-    """One pass over this epoch's rows in minibatches (stopping at cfg.max_steps); returns the batch losses and the
-    step count so far."""
+    """One pass over this epoch's rows of every fit ([G, rows] in ``subsets``) in minibatches (stopping at
+    cfg.max_steps); returns the batch losses [G] per step and the step count so far."""
     losses: list[Tensor] = []
-    for start in range(0, subset.numel(), cfg.batch_size):
+    fit = torch.arange(samples.shape[0])[:, None]
+    for start in range(0, subsets.shape[1], cfg.batch_size):
         if cfg.max_steps is not None and steps >= cfg.max_steps:
             break
-        batch = samples.index_select(0, subset[start : start + cfg.batch_size])
+        batch = samples[fit, subsets[:, start : start + cfg.batch_size]]
         batch = batch.to(device=dev, dtype=torch.float32, non_blocking=True)
-        loss = whip_loss(batch @ qr_orth(z))
+        loss = torch.exp(-(batch @ qr_orth(z)).abs()).sum(dim=-1).mean(dim=-1)   # whip_loss of each fit: [G]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.sum().backward()
         opt.step()
         losses.append(loss.detach())
         steps += 1
@@ -286,18 +303,17 @@ def train_r2(
     Query head h belongs to KV head ``h // heads_per_group``; R2 of group g sits on the output of v-head g and is
     shared by its query heads, so it is fitted on their stacked head vectors ``[N * heads_per_group, head_dim]``.
     Group g starts from ``random_hadamard_matrix(head_dim, seed + g)`` and uses minibatch seed ``cfg.seed + g``;
-    each group's fit sees only its own columns, so the groups are independent.
+    each group's fit sees only its own columns, so the groups are independent and train together
+    (:func:`train_rotations`: one batched step for all KV heads).
     """
     from streamquant.kernels.hadamard import random_hadamard_matrix
 
     num_heads = num_kv_heads * heads_per_group
     if samples.dim() != 2 or samples.shape[1] != num_heads * head_dim:
         raise ValueError(f"need o_proj inputs [N, {num_heads * head_dim}], got {tuple(samples.shape)}")
-    grouped = samples.view(samples.shape[0], num_kv_heads, heads_per_group * head_dim)
-    results = []
-    for g in range(num_kv_heads):
-        rows = grouped[:, g].reshape(-1, head_dim)  # token-major: the hpg heads of a token are adjacent rows
-        sub_log = None if log is None else (lambda msg, g=g: log(f"R2 kv-head {g}: {msg}"))
-        init = random_hadamard_matrix(head_dim, seed + g)
-        results.append(train_rotation(rows, init, replace(cfg, seed=cfg.seed + g), device=device, log=sub_log))
-    return results
+    # [G, N * hpg, head_dim], token-major: the hpg heads of a token are adjacent rows of their group
+    rows = samples.view(samples.shape[0], num_kv_heads, heads_per_group * head_dim).transpose(0, 1)
+    rows = rows.reshape(num_kv_heads, -1, head_dim)
+    init = torch.stack([random_hadamard_matrix(head_dim, seed + g) for g in range(num_kv_heads)])
+    sub_log = None if log is None else (lambda msg: log(f"R2 ({num_kv_heads} kv-heads): {msg}"))
+    return train_rotations(rows, init, cfg, [cfg.seed + g for g in range(num_kv_heads)], device=device, log=sub_log)
