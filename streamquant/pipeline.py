@@ -283,10 +283,12 @@ class Pipeline:
                     del weights
                     codes, losses = self.quantize_block(layer, hidden, early)
                 with stats.stage("forward"):
-                    for states in (hidden, eval_hidden):
+                    # the calibration states feed the next block's Hessians: after the last block nothing reads them
+                    calib_states = hidden if i + 1 < self.spec.num_layers else None
+                    for states in (calib_states, eval_hidden):
                         if states is not None:
                             engine.run_block(layer, states)
-                    stats.block["forward_equivalents"] += 1.0 if hidden is not None else 0.0
+                    stats.block["forward_equivalents"] += 1.0 if calib_states is not None else 0.0
                 with stats.stage("write"):
                     if self.sink is not None:
                         self.sink.write_block(QuantizedBlock.from_layer(i, layer, self.arch, codes, wcfg, r2))
