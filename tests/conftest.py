@@ -12,6 +12,18 @@ import torch
 
 from streamquant.synthetic import save_bpe_tokenizer  # one tokenizer recipe for test and benchmark models)
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist, give each worker (and the processes its tests start) its share of the cores: BLAS
+    threads that spin on a core another worker is using run many times slower than one thread each."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_share_the_cores()
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WIKITEXT = SHARED / "data" / "wikitext-2"
 VOCAB = 512
