@@ -150,6 +150,8 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
     captured = work.share(capture_windows(work.samples, work.seqlen, per_side)) * work.seqlen * h * b
     reservoir = rows * h * 4 if dart else 0
     r1_train = 10 * h * h * 4 if dart else 0                     # Z, grad, momentum, Q, R and autograd buffers
+    r1_train += 4 * max(64, rows // 100) * h * 4 if dart else 0  # a step's rows (R1: 10 % per epoch in 10 steps),
+                                                                 # rotated, |.|, exp
     whip_eval = 5 * min(8192, rows) * h * 4 if dart else 0       # a chunk of rows, rotated, |.|, exp
     r2_samples = min(work.r2_tokens, work.samples * work.seqlen) * q * 4 if dart else 0
     weight_quant = _weight_quant_moments(spec, work, compute + codes, act, stored, widest, b)

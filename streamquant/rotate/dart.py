@@ -14,16 +14,17 @@ The learning problem is *rotational distribution calibration*: find an orthonorm
 * :func:`train_rotation`, :func:`train_r1`, :func:`train_r2` — the training loops the pipeline calls.
 
 Defaults and why (see :class:`RotationTrainConfig`, :data:`R1_CONFIG`, :data:`R2_CONFIG`): the reference code's
-SGD, lr 1e-3, momentum 0.9, 10 epochs over a fresh random 10 % subset, batch 64 (R2: 5 epochs, batch 128). The Whip
-loss is kept as the paper's sum over channels: dL/dR_ji = mean_t x_tj·(-sign(y_ti) e^-|y_ti|) does not grow with n,
-while the entries of R shrink as 1/sqrt(n), so lr 1e-3 is a larger *relative* step at large n — measured fine:
-  * n=576, 65 536 synthetic post-norm rows (Laplace + 4 massive-activation channels), R1_CONFIG (1030 steps):
+SGD, lr 1e-3, momentum 0.9, 10 epochs over a fresh random 10 % subset, R1 in 10 steps per epoch (R2: 5 epochs,
+batch 128). The Whip loss is kept as the paper's sum over channels: dL/dR_ji = mean_t x_tj·(-sign(y_ti) e^-|y_ti|)
+does not grow with n, while the entries of R shrink as 1/sqrt(n), so lr 1e-3 is a larger *relative* step at large n — measured fine:
+  * n=576, 65 536 synthetic post-norm rows (Laplace + 4 massive-activation channels), batch 64 (1030 steps):
     whip 285.6 -> 262.6 (most of it in epoch 1), pooled excess kurtosis -0.80 -> -0.98; batch 1024 (70 steps): 262.5;
   * n=64, R2_CONFIG (260 steps): 31.3 -> 28.5; n=4096, batch 256, 70 steps: 2143 -> 2063, still falling.
 Caveats: (1) the reference counts a *batch* in whole 2048-token sequences (~131 k rows per step, ~130 steps in all);
 here a sample is one token row, so ``batch_size`` counts rows and a run makes epochs·ceil(fraction·N/batch_size)
-steps. Each step costs one n×n QR (~n³), which dominates at large n: for a big reservoir raise ``batch_size`` so the
-run stays at a few hundred steps (the n=576 numbers above show batch 1024 matches batch 64 with 15× fewer steps).
+steps. Each step costs one n×n QR (~n³), which dominates at large n, so R1 fixes the step count instead
+(``batches_per_epoch``): its batch grows with the reservoir (the n=576 numbers above show batch 1024 matches batch 64
+with 15× fewer steps).
 (2) When outliers are zero-mean, axis-aligned channels, a random Hadamard already spreads them perfectly and
 training barely moves the loss; same-sign massive activations (as in real LLMs) and correlated channels are where a
 learned rotation wins. (3) Whip is scale-dependent: it is meant for RMS≈1 rows (σ-free RMSNorm outputs); o_proj
@@ -146,11 +147,11 @@ class RotationTrainResult:
     seconds: float = 0.0
 
 
-# Each step is one n×n QR, so R1's 1,820 steps of 64 rows cost SmolLM2 47–70 s. `batches_per_epoch=10` (100 steps
-# of ~1,160 rows, as the reference's ~100 large steps) takes ~11 s and measured W4A16 PPL 29.83 against 30.48 on the
-# quality protocol (benchmarks/RESULTS.md), but lost dart < quarot at W4A4 in test_quality (342 vs 306): it is an
-# option, not the default, until a regime wins both.
-R1_CONFIG = RotationTrainConfig(epochs=10, batch_size=64)
+# R1 takes the reference's ~100 large steps: 10 per epoch (SmolLM2: 100 steps of ~1,160 rows). Each step is one
+# n×n QR, so the 1,820 steps of 64 rows it took before cost SmolLM2 47–70 s, against ~11 s now. On the quality
+# protocol (benchmarks/RESULTS.md) the large steps measured W4A4 GPTQ 43.91 PPL against 46.05 (QuaRot 48.97), W4A4
+# RTN 144.5 (QuaRot 219.8), and W4A16 GPTQ within noise of the small steps (29.97 against 29.62, asymmetric).
+R1_CONFIG = RotationTrainConfig(epochs=10, batch_size=64, batches_per_epoch=10)
 R2_CONFIG = RotationTrainConfig(epochs=5, batch_size=128)
 
 EVAL_ROWS = 65536
