@@ -2,9 +2,10 @@
 exports), `w4a4` (the paper), `w4a4kv4`, so one name replaces six flags.
 
 A preset fills only the options the user did not give; an explicit `--w-bits`, `--a-bits`, `--kv-bits`,
-`--weights`, `--group-size` or `--method` always wins, so a command that names every option does exactly what it did
-before presets existed. Without `--scheme`, the preset is the first whose bits agree with the bits given (so
-`--a-bits 4` alone means w4a4, per-channel weights as in the paper, not w4a16's groups), else w4a16.
+`--weights`, `--group-size`, `--w-asym`/`--w-sym`, `--act-order`/`--no-act-order` or `--method` always wins, so a
+command that names every option does exactly what it did before presets existed. Without `--scheme`, the preset is
+the first whose bits agree with the bits given (so `--a-bits 4` alone means w4a4, per-channel weights as in the
+paper, not w4a16's groups), else w4a16.
 The result is a RunConfig of concrete values: nothing downstream knows presets exist.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from streamquant.preflight import RunConfig
 
 AUTO_GROUP = 0                      # preset marker: the largest of GROUP_CHOICES that divides every linear input
 GROUP_CHOICES = (128, 64, 32)
-PRESET_KEYS = ("method", "w_bits", "a_bits", "kv_bits", "weights", "group_size")
+PRESET_KEYS = ("method", "w_bits", "a_bits", "kv_bits", "weights", "group_size", "w_symmetric", "act_order")
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,17 @@ class Scheme:
     group_size: int
     summary: str
     export: dict[str, Any] = field(default_factory=dict)   # what the scheme's serving format requires, applied as is
+    w_symmetric: bool = True
+    act_order: bool = False
 
 
 SCHEMES = {s.name: s for s in (
-    Scheme("w4a16", "dart", 4, 16, 16, "gptq", AUTO_GROUP, "INT4 GPTQ weights, 16-bit activations (servable)"),
+    # weight-only INT4 is asymmetric (a zero point per group): on the quality protocol GPTQ g64 measured 38.42 → 32.88
+    # PPL without rotation and 30.94 → 29.62 with dart (benchmarks/RESULTS.md); vLLM serves zero points (WNA16)
+    Scheme("w4a16", "dart", 4, 16, 16, "gptq", AUTO_GROUP, "INT4 GPTQ weights with zero points, 16-bit activations "
+           "(servable)", w_symmetric=False),
     Scheme("w4a16-r4", "dart", 4, 16, 16, "gptq", AUTO_GROUP, "w4a16 with R4 online on down_proj's input "
-           "(compressed-tensors transform_config: vLLM, or streamquant.load)", {"r4_online": True}),
+           "(compressed-tensors transform_config: vLLM, or streamquant.load)", {"r4_online": True}, w_symmetric=False),
     Scheme("w8a8", "dart", 8, 8, 16, "gptq", -1, "INT8 per-channel weights, dynamic symmetric per-token INT8 "
            "activations (int-quantized)", {"a_symmetric": True, "a_clip": 1.0}),
     Scheme("w4a8", "dart", 4, 8, 16, "gptq", AUTO_GROUP, "INT4 weights, dynamic symmetric per-token INT8 "
@@ -59,7 +65,9 @@ class Choice:
 
     def line(self, cfg: RunConfig) -> str:
         group = "per channel" if cfg.group_size == -1 else f"group {cfg.group_size}"
-        w = "16-bit weights" if cfg.w_bits >= 16 else f"W{cfg.w_bits} {cfg.weights.upper()} {group}"
+        w = "16-bit weights" if cfg.w_bits >= 16 else (f"W{cfg.w_bits} {cfg.weights.upper()} {group}"
+                                                        f"{'' if cfg.w_symmetric else ' asymmetric'}"
+                                                        f"{' act-order' if cfg.act_order and cfg.weights == 'gptq' else ''}")
         return (f"scheme {self.scheme} ({self.source}): {cfg.method} rotations, {w}, A{cfg.a_bits}, KV{cfg.kv_bits}"
                 + (f"; {self.group_note}" if self.group_note else ""))
 

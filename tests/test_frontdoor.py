@@ -36,11 +36,14 @@ def test_presets_fill_only_what_was_not_given(tiny_models):
     assert (choice.scheme, cfg.method, cfg.weights, cfg.w_bits, cfg.a_bits, cfg.kv_bits, cfg.group_size) == \
         ("w4a16", "dart", "gptq", 4, 16, 16, 32)
     assert "group 32 divides every linear input" in choice.line(cfg)
+    assert not cfg.w_symmetric and "asymmetric" in choice.line(cfg)       # weight-only INT4 carries zero points
+    cfg, _ = build_config(base, None, {**none, "w_symmetric": True})      # --w-sym wins over the preset
+    assert cfg.w_symmetric
     cfg, _ = build_config(base, "w4a16", {**none, "group_size": 16, "weights": "rtn"})
     assert (cfg.group_size, cfg.weights) == (16, "rtn")
     # today's explicit flags (tests/test_reference_outputs.py) give today's config: no group, KV16
     cfg, choice = build_config(base, None, {**none, "method": "dart", "w_bits": 4, "a_bits": 4, "weights": "gptq"})
-    assert choice.scheme == "w4a4" and cfg.group_size == -1 and cfg.kv_bits == 16
+    assert choice.scheme == "w4a4" and cfg.group_size == -1 and cfg.kv_bits == 16 and cfg.w_symmetric
     cfg, choice = build_config(base, "w4a4kv4", none)
     assert (cfg.a_bits, cfg.kv_bits, cfg.group_size) == (4, 4, -1)
     # the serving presets carry what their compressed-tensors format requires
