@@ -76,6 +76,11 @@ class RunConfig:
         if self.group_size != -1 and self.group_size < 1:
             raise UserError(f"--group-size must be -1 (per channel) or a positive divisor of the linears' inputs "
                             f"(got {self.group_size})")
+        if self.r1_train.epochs < 0 or self.r2_train.epochs < 0:
+            raise UserError(f"--r1-epochs and --r2-epochs must be >= 0 (got {self.r1_train.epochs}, "
+                            f"{self.r2_train.epochs})")
+        if (self.r1_train.batches_per_epoch or 1) < 1:
+            raise UserError(f"--r1-steps-per-epoch must be >= 0 (got {self.r1_train.batches_per_epoch})")
         if not self.damp >= 0:
             raise UserError(f"--damp must be >= 0 (got {self.damp})")
         if not 0 < self.a_clip <= 1:

@@ -243,3 +243,21 @@ def test_qr_orth_and_cayley_both_reduce_loss():
     assert qr_loss < init_loss * 0.995
     assert cayley_loss < init_loss * 0.995
     assert _orth_err(r) < 1e-4  # the fixed-point Cayley step stays (nearly) on the manifold
+
+
+def test_untrained_dart_is_quarot_bit_for_bit(tiny_models, eval_text, tmp_path):
+    """R1 and R2 start from exactly QuaRot's random Hadamards: with no epochs, dart writes QuaRot's bytes (so an
+    ablation of the training measures the training alone)."""
+    from conftest import run_cli
+
+    outs = {}
+    for method, extra in (("quarot", []), ("dart", ["--r1-epochs", "0", "--r2-epochs", "0"])):
+        outs[method] = tmp_path / method
+        res = run_cli("run", str(tiny_models["llama"]), "--out", str(outs[method]), "--method", method, "--w-bits", "4",
+                      "--a-bits", "4", "--weights", "gptq", "--samples", "4", "--seqlen", "48", "--calib",
+                      str(eval_text), *extra)
+        assert res.returncode == 0, res.stderr
+    blocks = sorted(p.name for p in outs["quarot"].glob("*.safetensors"))
+    assert blocks and blocks == sorted(p.name for p in outs["dart"].glob("*.safetensors"))
+    for name in blocks:
+        assert (outs["quarot"] / name).read_bytes() == (outs["dart"] / name).read_bytes(), name

@@ -79,6 +79,8 @@ def test_dry_run_alone_shows_preset_group_and_default_output(tiny_models):
 @pytest.mark.parametrize("args,message", [
     (["--scheme", "w9a9"], "--scheme must be one of w4a16, w4a16-r4, w8a8, w4a8, w4a4, w4a4kv4"),
     (["--group-size", "0"], "--group-size must be -1 (per channel) or a positive divisor"),
+    (["--r1-steps-per-epoch", "-2"], "--r1-steps-per-epoch must be >= 0 (got -2)"),
+    (["--r2-epochs", "-1"], "--r1-epochs and --r2-epochs must be >= 0"),
 ])
 def test_bad_scheme_options_are_one_line(tiny_models, tmp_path, args, message):
     out = tmp_path / "o"
