@@ -48,12 +48,13 @@ def pack_int4(q: Tensor) -> Tensor:
         raise ValueError(f"int4 codes must lie in [-8, 7], got [{int(q.min())}, {int(q.max())}]")
     rows, cols = q.shape
     words = -(-cols // _PER_WORD)
-    nibbles = torch.zeros(rows, words * _PER_WORD, dtype=torch.int64, device=q.device)
-    nibbles[:, :cols] = q.to(torch.int64) + 8
+    nibbles = torch.zeros(rows, words, _PER_WORD, dtype=torch.int32, device=q.device)
     # Padding nibbles stay 0, as in compressed-tensors (it pads the biased values with zeros).
-    packed = (nibbles.view(rows, words, _PER_WORD) << _SHIFTS.to(q.device)).sum(dim=-1)
-    packed = torch.where(packed >= 2**31, packed - 2**32, packed)  # reinterpret as two's-complement int32
-    return packed.to(torch.int32)
+    nibbles.view(rows, words * _PER_WORD)[:, :cols] = q.to(torch.int32) + 8
+    packed = nibbles[..., 0].clone()
+    for k in range(1, _PER_WORD):   # nibble k at bits 4k..4k+3; the top one lands in the sign bit (two's complement)
+        packed |= nibbles[..., k] << (4 * k)
+    return packed
 
 
 def unpack_int4(p: Tensor, cols: int) -> Tensor:
