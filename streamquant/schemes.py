@@ -38,12 +38,14 @@ class Scheme:
 
 
 SCHEMES = {s.name: s for s in (
-    # weight-only INT4 is asymmetric (a zero point per group): on the quality protocol GPTQ g64 measured 38.42 → 32.88
-    # PPL without rotation and 30.94 → 29.62 with dart (benchmarks/RESULTS.md); vLLM serves zero points (WNA16)
+    # weight-only INT4 is asymmetric (a zero point per group) and GPTQ runs in act-order (static groups, so the export
+    # needs no g_idx): on the quality protocol GPTQ g64 measured 38.42 → 32.88 → 30.36 PPL without rotation and
+    # 30.94 → 29.97 → 29.74 with dart (benchmarks/RESULTS.md); vLLM serves zero points (WNA16)
     Scheme("w4a16", "dart", 4, 16, 16, "gptq", AUTO_GROUP, "INT4 GPTQ weights with zero points, 16-bit activations "
-           "(servable)", w_symmetric=False),
+           "(servable)", w_symmetric=False, act_order=True),
     Scheme("w4a16-r4", "dart", 4, 16, 16, "gptq", AUTO_GROUP, "w4a16 with R4 online on down_proj's input "
-           "(compressed-tensors transform_config: vLLM, or streamquant.load)", {"r4_online": True}, w_symmetric=False),
+           "(compressed-tensors transform_config: vLLM, or streamquant.load)", {"r4_online": True}, w_symmetric=False,
+           act_order=True),
     Scheme("w8a8", "dart", 8, 8, 16, "gptq", -1, "INT8 per-channel weights, dynamic symmetric per-token INT8 "
            "activations (int-quantized)", {"a_symmetric": True, "a_clip": 1.0}),
     Scheme("w4a8", "dart", 4, 8, 16, "gptq", AUTO_GROUP, "INT4 weights, dynamic symmetric per-token INT8 "

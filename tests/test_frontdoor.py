@@ -37,8 +37,9 @@ def test_presets_fill_only_what_was_not_given(tiny_models):
         ("w4a16", "dart", "gptq", 4, 16, 16, 32)
     assert "group 32 divides every linear input" in choice.line(cfg)
     assert not cfg.w_symmetric and "asymmetric" in choice.line(cfg)       # weight-only INT4 carries zero points
-    cfg, _ = build_config(base, None, {**none, "w_symmetric": True})      # --w-sym wins over the preset
-    assert cfg.w_symmetric
+    assert cfg.act_order and "act-order" in choice.line(cfg)
+    cfg, _ = build_config(base, None, {**none, "w_symmetric": True, "act_order": False})   # flags win over the preset
+    assert cfg.w_symmetric and not cfg.act_order
     cfg, _ = build_config(base, "w4a16", {**none, "group_size": 16, "weights": "rtn"})
     assert (cfg.group_size, cfg.weights) == (16, "rtn")
     # today's explicit flags (tests/test_reference_outputs.py) give today's config: no group, KV16
