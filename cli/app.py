@@ -148,7 +148,7 @@ def run_cmd(
     group_size: Optional[int] = typer.Option(None, help="Weight group size (-1 = per output channel). [preset]"),
     w_asym: Optional[bool] = typer.Option(None, "--w-asym/--w-sym", help="Asymmetric weights (a zero point per group) or symmetric. [preset]"),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: quantize columns by descending Hessian diagonal (groups stay the contiguous column ranges). [preset]"),
-    w_clip: bool = typer.Option(False, "--w-clip", help="MSE-searched weight clipping (QuaRot w_clip)."),
+    w_clip: Optional[bool] = typer.Option(None, "--w-clip/--no-w-clip", help="MSE-searched weight clipping (QuaRot w_clip). [preset]"),
     damp: float = typer.Option(0.01, help="GPTQ dampening, relative to the mean of the Hessian diagonal."),
     a_clip: float = typer.Option(0.9, help="Activation clip ratio."),
     a_symmetric: bool = typer.Option(False, "--a-symmetric", help="Symmetric per-token activations (what int-quantized/pack-quantized A8 exports express, with --a-bits 8 --a-clip 1)."),
@@ -185,7 +185,7 @@ def run_cmd(
     from streamquant.schemes import build_config, default_out
     from streamquant.stopping import SafeStop
 
-    base = RunConfig(model=model, w_clip=w_clip, damp=damp,
+    base = RunConfig(model=model, damp=damp,
                      a_clip=a_clip, calib=calib, a_symmetric=a_symmetric, r4_online=r4_online,
                      samples=samples, seqlen=seqlen, seed=seed, dtype=dtype, device=device, micro_batch=micro_batch,
                      r1_reservoir_bytes=parse_bytes(r1_reservoir), r1_train=dc_replace(R1_CONFIG, epochs=r1_epochs,
@@ -195,7 +195,7 @@ def run_cmd(
     cfg, choice = build_config(base, scheme, dict(method=method, w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits,
                                                   weights=weights, group_size=group_size,
                                                   w_symmetric=None if w_asym is None else not w_asym,
-                                                  act_order=act_order))
+                                                  act_order=act_order, w_clip=w_clip))
     out_dir = None if no_write else Path(out) if out is not None else default_out(model, choice.scheme)
     cfg.out = out_dir
     if dry_run:

@@ -2,10 +2,10 @@
 exports), `w4a4` (the paper), `w4a4kv4`, so one name replaces six flags.
 
 A preset fills only the options the user did not give; an explicit `--w-bits`, `--a-bits`, `--kv-bits`,
-`--weights`, `--group-size`, `--w-asym`/`--w-sym`, `--act-order`/`--no-act-order` or `--method` always wins, so a
-command that names every option does exactly what it did before presets existed. Without `--scheme`, the preset is
-the first whose bits agree with the bits given (so `--a-bits 4` alone means w4a4, per-channel weights as in the
-paper, not w4a16's groups), else w4a16.
+`--weights`, `--group-size`, `--w-asym`/`--w-sym`, `--act-order`/`--no-act-order`, `--w-clip`/`--no-w-clip` or
+`--method` always wins, so a command that names every option does exactly what it did before presets existed.
+Without `--scheme`, the preset is the first whose bits agree with the bits given (so `--a-bits 4` alone means w4a4,
+per-channel weights as in the paper, not w4a16's groups), else w4a16.
 The result is a RunConfig of concrete values: nothing downstream knows presets exist.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from streamquant.preflight import RunConfig
 
 AUTO_GROUP = 0                      # preset marker: the largest of GROUP_CHOICES that divides every linear input
 GROUP_CHOICES = (128, 64, 32)
-PRESET_KEYS = ("method", "w_bits", "a_bits", "kv_bits", "weights", "group_size", "w_symmetric", "act_order")
+PRESET_KEYS = ("method", "w_bits", "a_bits", "kv_bits", "weights", "group_size", "w_symmetric", "act_order", "w_clip")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Scheme:
     export: dict[str, Any] = field(default_factory=dict)   # what the scheme's serving format requires, applied as is
     w_symmetric: bool = True
     act_order: bool = False
+    w_clip: bool = False
 
 
 SCHEMES = {s.name: s for s in (
@@ -69,7 +70,8 @@ class Choice:
         group = "per channel" if cfg.group_size == -1 else f"group {cfg.group_size}"
         w = "16-bit weights" if cfg.w_bits >= 16 else (f"W{cfg.w_bits} {cfg.weights.upper()} {group}"
                                                         f"{'' if cfg.w_symmetric else ' asymmetric'}"
-                                                        f"{' act-order' if cfg.act_order and cfg.weights == 'gptq' else ''}")
+                                                        f"{' act-order' if cfg.act_order and cfg.weights == 'gptq' else ''}"
+                                                        f"{' MSE-clipped' if cfg.w_clip else ''}")
         return (f"scheme {self.scheme} ({self.source}): {cfg.method} rotations, {w}, A{cfg.a_bits}, KV{cfg.kv_bits}"
                 + (f"; {self.group_note}" if self.group_note else ""))
 
@@ -113,7 +115,17 @@ def build_config(cfg: RunConfig, scheme: str | None, given: dict[str, Any]) -> t
     note = ""
     if given.get("group_size") is None and preset.group_size == AUTO_GROUP:   # an explicit 0 stays 0 (refused)
         values["group_size"], note = auto_group_size(linear_inputs(cfg.model)) if values["w_bits"] < 16 else (-1, "")
+    if given.get("w_symmetric") is None and not values["w_symmetric"] and is_moe(cfg.model):
+        values["w_symmetric"] = True   # transformers merges a MoE's experts on load and has no place for zero points
+        note = "; ".join(filter(None, (note, "symmetric weights: a MoE export loads no zero points")))
     return replace(cfg, **values, **(preset.export if source == "--scheme" else {})), Choice(preset.name, source, note)
+
+
+def is_moe(model: str) -> bool:
+    from streamquant.source import resolve_model
+    from streamquant.spec import read_spec
+
+    return read_spec(resolve_model(model)).arch.moe is not None
 
 
 def model_name(model: str) -> str:
