@@ -223,12 +223,10 @@ def prepare(cfg: RunConfig, plan_only: bool = False, group: Solo | None = None) 
         r4_stored=rotated and cfg.r4_online and fmt_name in COMPRESSED_TENSORS,
     )
     if spec.arch.moe is not None and fmt_name in COMPRESSED_TENSORS and (
-            fmt_name != "pack-quantized" or runtime.act.enabled or runtime.r4_stored or not cfg.w_symmetric):
-        # transformers dequantizes compressed experts into its fused 3-D weights: only symmetric packed weights
-        # survive that (it asserts on zero points)
-        raise UserError(f"--format {fmt_name}: a {spec.model_type} (MoE) export holds symmetric 4-bit weights only "
-                        f"(W4A16, no --w-asym, no --r4-online, no activation quantization); use --format streamquant "
-                        f"for the rest")
+            fmt_name != "pack-quantized" or runtime.act.enabled or runtime.r4_stored):
+        # transformers dequantizes compressed experts into its fused 3-D weights: only packed weights survive that
+        raise UserError(f"--format {fmt_name}: a {spec.model_type} (MoE) export holds 4-bit weights only (W4A16, no "
+                        f"--r4-online, no activation quantization); use --format streamquant for the rest")
     fmt = OutputFormat(fmt_name, spec, cfg.weight_cfg, runtime, dtype)
     return Prepared(cfg, model_dir, spec, index, device, dtype, tokenizer, plan, fmt, runtime, group)
 

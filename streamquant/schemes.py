@@ -39,14 +39,14 @@ class Scheme:
 
 
 SCHEMES = {s.name: s for s in (
-    # weight-only INT4 is asymmetric (a zero point per group) and GPTQ runs in act-order (static groups, so the export
-    # needs no g_idx): on the quality protocol GPTQ g64 measured 38.42 → 32.88 → 30.36 PPL without rotation and
-    # 30.94 → 29.97 → 29.74 with dart (benchmarks/RESULTS.md); vLLM serves zero points (WNA16)
-    Scheme("w4a16", "dart", 4, 16, 16, "gptq", AUTO_GROUP, "INT4 GPTQ weights with zero points, 16-bit activations "
-           "(servable)", w_symmetric=False, act_order=True),
-    Scheme("w4a16-r4", "dart", 4, 16, 16, "gptq", AUTO_GROUP, "w4a16 with R4 online on down_proj's input "
-           "(compressed-tensors transform_config: vLLM, or streamquant.load)", {"r4_online": True}, w_symmetric=False,
+    # GPTQ runs in act-order (static groups, so the export needs no g_idx): on the quality protocol GPTQ g64 measured
+    # 38.42 → 33.66 PPL without rotation (benchmarks/RESULTS.md). Weights stay symmetric although zero points measured
+    # better (--w-asym: 30.36 with act-order): transformers 5.24 with compressed-tensors 0.20.1 cannot load packed zero
+    # points (a size mismatch; vLLM serves them), and these exports must load in transformers
+    Scheme("w4a16", "dart", 4, 16, 16, "gptq", AUTO_GROUP, "INT4 GPTQ weights, 16-bit activations (servable)",
            act_order=True),
+    Scheme("w4a16-r4", "dart", 4, 16, 16, "gptq", AUTO_GROUP, "w4a16 with R4 online on down_proj's input "
+           "(compressed-tensors transform_config: vLLM, or streamquant.load)", {"r4_online": True}, act_order=True),
     Scheme("w8a8", "dart", 8, 8, 16, "gptq", -1, "INT8 per-channel weights, dynamic symmetric per-token INT8 "
            "activations (int-quantized)", {"a_symmetric": True, "a_clip": 1.0}),
     Scheme("w4a8", "dart", 4, 8, 16, "gptq", AUTO_GROUP, "INT4 weights, dynamic symmetric per-token INT8 "
@@ -115,17 +115,7 @@ def build_config(cfg: RunConfig, scheme: str | None, given: dict[str, Any]) -> t
     note = ""
     if given.get("group_size") is None and preset.group_size == AUTO_GROUP:   # an explicit 0 stays 0 (refused)
         values["group_size"], note = auto_group_size(linear_inputs(cfg.model)) if values["w_bits"] < 16 else (-1, "")
-    if given.get("w_symmetric") is None and not values["w_symmetric"] and is_moe(cfg.model):
-        values["w_symmetric"] = True   # transformers merges a MoE's experts on load and has no place for zero points
-        note = "; ".join(filter(None, (note, "symmetric weights: a MoE export loads no zero points")))
     return replace(cfg, **values, **(preset.export if source == "--scheme" else {})), Choice(preset.name, source, note)
-
-
-def is_moe(model: str) -> bool:
-    from streamquant.source import resolve_model
-    from streamquant.spec import read_spec
-
-    return read_spec(resolve_model(model)).arch.moe is not None
 
 
 def model_name(model: str) -> str:

@@ -36,10 +36,9 @@ def test_presets_fill_only_what_was_not_given(tiny_models):
     assert (choice.scheme, cfg.method, cfg.weights, cfg.w_bits, cfg.a_bits, cfg.kv_bits, cfg.group_size) == \
         ("w4a16", "dart", "gptq", 4, 16, 16, 32)
     assert "group 32 divides every linear input" in choice.line(cfg)
-    assert not cfg.w_symmetric and "asymmetric" in choice.line(cfg)       # weight-only INT4 carries zero points
-    assert cfg.act_order and "act-order" in choice.line(cfg)
-    cfg, _ = build_config(base, None, {**none, "w_symmetric": True, "act_order": False})   # flags win over the preset
-    assert cfg.w_symmetric and not cfg.act_order
+    assert cfg.w_symmetric and cfg.act_order and "act-order" in choice.line(cfg)
+    cfg, _ = build_config(base, None, {**none, "w_symmetric": False, "act_order": False})   # flags win over the preset
+    assert not cfg.w_symmetric and not cfg.act_order and "asymmetric" in choice.line(cfg)
     cfg, _ = build_config(base, "w4a16", {**none, "group_size": 16, "weights": "rtn"})
     assert (cfg.group_size, cfg.weights) == (16, "rtn")
     # today's explicit flags (tests/test_reference_outputs.py) give today's config: no group, KV16
@@ -140,7 +139,8 @@ def test_terminal_view_in_tmux(tiny_models, tmp_path):
     assert "EXIT=0" in screens[-1], screens[-1]
     bars = [s for s in screens if re.search(r"(capture|blocks|quantize) \d+/4", s) and "ETA" in s]
     assert bars, screens[-1]
-    assert any(re.search(r"host [\d.]+ GiB \(plan [\d.]+ GiB\)", s) for s in bars)
+    # the memory column (a bar's row may be caught mid-redraw on a loaded machine: any screen of the run counts)
+    assert any(re.search(r"host [\d.]+ GiB \(plan [\d.]+ GiB\)", s) for s in screens), bars[-1]
     assert any("━" in s for s in bars)
     assert not re.search("^" + STAMP + "quantize block", screens[-1], re.M)   # a bar, not log lines
     assert "peak host memory" in screens[-1]

@@ -137,8 +137,7 @@ def test_an_expert_without_tokens_is_rounded_to_nearest_and_reported(tmp_path):
 
 @pytest.mark.parametrize("options", [dict(w_bits=8, a_bits=16, format="int-quantized"),
                                      dict(a_bits=8, a_symmetric=True, a_clip=1.0, format="pack-quantized"),
-                                     dict(a_bits=16, r4_online=True, format="pack-quantized"),
-                                     dict(a_bits=16, w_symmetric=False, format="pack-quantized")])   # zero points
+                                     dict(a_bits=16, r4_online=True, format="pack-quantized")])
 def test_exports_transformers_cannot_express_for_experts_are_refused(tiny_models, tmp_path, options):
     from streamquant.errors import UserError
     from streamquant.preflight import RunConfig, prepare
@@ -146,17 +145,6 @@ def test_exports_transformers_cannot_express_for_experts_are_refused(tiny_models
     with pytest.raises(UserError, match="MoE"):
         prepare(RunConfig(model=str(tiny_models["mixtral"]), method="quarot", samples=2, seqlen=32, **options),
                 plan_only=True)
-
-
-def test_the_default_preset_keeps_moe_weights_symmetric(tiny_models):
-    """w4a16's zero points would be refused for a MoE export: the preset says so and stays symmetric there."""
-    from streamquant.preflight import RunConfig
-    from streamquant.schemes import build_config
-
-    cfg, choice = build_config(RunConfig(model=str(tiny_models["mixtral"])), None, {})
-    assert cfg.w_symmetric and "a MoE export loads no zero points" in choice.line(cfg)
-    cfg, _ = build_config(RunConfig(model=str(tiny_models["llama"])), None, {})
-    assert not cfg.w_symmetric
 
 
 def test_a_refused_moe_export_is_one_line_and_writes_nothing(tiny_models, tmp_path):
