@@ -188,8 +188,8 @@ def run_cmd(
     base = RunConfig(model=model, damp=damp,
                      a_clip=a_clip, calib=calib, a_symmetric=a_symmetric, r4_online=r4_online,
                      samples=samples, seqlen=seqlen, seed=seed, dtype=dtype, device=device, micro_batch=micro_batch,
-                     r1_reservoir_bytes=parse_bytes(r1_reservoir), r1_train=dc_replace(R1_CONFIG, epochs=r1_epochs,
-                                                                                      batches_per_epoch=r1_steps or None),
+                     r1_reservoir_bytes=parse_bytes(r1_reservoir),
+                     r1_train=dc_replace(R1_CONFIG, epochs=r1_epochs, batches_per_epoch=r1_steps or None),
                      r2_train=dc_replace(R2_CONFIG, epochs=r2_epochs), eval=eval, eval_windows=eval_windows,
                      format=fmt, gpu_mem=None if gpu_mem is None else parse_bytes(gpu_mem))
     cfg, choice = build_config(base, scheme, dict(method=method, w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits,

@@ -68,10 +68,10 @@ class Choice:
 
     def line(self, cfg: RunConfig) -> str:
         group = "per channel" if cfg.group_size == -1 else f"group {cfg.group_size}"
-        w = "16-bit weights" if cfg.w_bits >= 16 else (f"W{cfg.w_bits} {cfg.weights.upper()} {group}"
-                                                        f"{'' if cfg.w_symmetric else ' asymmetric'}"
-                                                        f"{' act-order' if cfg.act_order and cfg.weights == 'gptq' else ''}"
-                                                        f"{' MSE-clipped' if cfg.w_clip else ''}")
+        options = [name for name, on in (("asymmetric", not cfg.w_symmetric),
+                                         ("act-order", cfg.act_order and cfg.weights == "gptq"),
+                                         ("MSE-clipped", cfg.w_clip)) if on]
+        w = "16-bit weights" if cfg.w_bits >= 16 else " ".join([f"W{cfg.w_bits} {cfg.weights.upper()} {group}", *options])
         return (f"scheme {self.scheme} ({self.source}): {cfg.method} rotations, {w}, A{cfg.a_bits}, KV{cfg.kv_bits}"
                 + (f"; {self.group_note}" if self.group_note else ""))
 

@@ -40,9 +40,9 @@ def test_whip_qr_orth_on_real_smollm2_activations(smollm2):
 
 
 def _run(*args: str) -> dict:
-    # the quality protocol's calibration (16 × 512 of valid.txt, seed 0), evaluated on 4 of its 8 windows. With 8 × 256
-    # windows the learned R1 has too little to learn from: dart and QuaRot measured RTN 342 vs 306, GPTQ 57.34 vs
-    # 57.36; on the protocol, RTN 144.5 vs 219.8 (benchmarks/RESULTS.md)
+    # the quality protocol's calibration (16 × 512 of valid.txt, seed 0), evaluated on 4 of its 8 windows. With
+    # 8 × 256 windows the learned R1 has too little to learn from: dart and QuaRot measured RTN 342 vs 306, GPTQ
+    # 57.34 vs 57.36; on the protocol, RTN 144.5 vs 219.8 (benchmarks/RESULTS.md)
     res = run_cli("run", "smollm2-135m", "--calib", CALIB, "--eval", EVAL, "--samples", "16", "--seqlen", "512",
                   "--eval-windows", "4", "--r2-epochs", "2", "--no-write", "--json", *args, timeout=1800)
     assert res.returncode == 0, res.stderr

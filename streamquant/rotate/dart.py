@@ -16,7 +16,8 @@ The learning problem is *rotational distribution calibration*: find an orthonorm
 Defaults and why (see :class:`RotationTrainConfig`, :data:`R1_CONFIG`, :data:`R2_CONFIG`): the reference code's
 SGD, lr 1e-3, momentum 0.9, 10 epochs over a fresh random 10 % subset, R1 in 10 steps per epoch (R2: 5 epochs,
 batch 128). The Whip loss is kept as the paper's sum over channels: dL/dR_ji = mean_t x_tj·(-sign(y_ti) e^-|y_ti|)
-does not grow with n, while the entries of R shrink as 1/sqrt(n), so lr 1e-3 is a larger *relative* step at large n — measured fine:
+does not grow with n, while the entries of R shrink as 1/sqrt(n), so lr 1e-3 is a larger *relative* step at large
+n — measured fine:
   * n=576, 65 536 synthetic post-norm rows (Laplace + 4 massive-activation channels), batch 64 (1030 steps):
     whip 285.6 -> 262.6 (most of it in epoch 1), pooled excess kurtosis -0.80 -> -0.98; batch 1024 (70 steps): 262.5;
   * n=64, R2_CONFIG (260 steps): 31.3 -> 28.5; n=4096, batch 256, 70 steps: 2143 -> 2063, still falling.
@@ -210,7 +211,8 @@ def train_rotations(
     its own: the result is fit g alone, in G times fewer steps (R2 has one fit per KV head and layer).
     """
     if samples.dim() != 3 or init.shape != (samples.shape[0], samples.shape[2], samples.shape[2]):
-        raise ValueError(f"need samples [G, N, n] and init [G, n, n], got {tuple(samples.shape)} and {tuple(init.shape)}")
+        raise ValueError(f"need samples [G, N, n] and init [G, n, n], got {tuple(samples.shape)} and "
+                         f"{tuple(init.shape)}")
     if cfg.batch_size < 1 or not 0.0 < cfg.sample_fraction <= 1.0 or len(seeds) != samples.shape[0]:
         raise ValueError(f"bad config {cfg} for {samples.shape[0]} fits with seeds {seeds}")
     dev = torch.device(device) if device is not None else samples.device
@@ -241,8 +243,8 @@ def train_rotations(
         if epoch_losses:
             history.append(torch.stack(epoch_losses).mean(0))
             if log is not None:
-                n = init.shape[-1]
-                log(f"rotation n={n} epoch {epoch + 1}/{cfg.epochs}: whip {history[-1].sum().item():.4f} ({steps} steps)")
+                n, whip = init.shape[-1], history[-1].sum().item()
+                log(f"rotation n={n} epoch {epoch + 1}/{cfg.epochs}: whip {whip:.4f} ({steps} steps)")
 
     with torch.no_grad():
         rotations = qr_orth(z.detach().double()).cpu()
