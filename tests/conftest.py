@@ -24,6 +24,15 @@ def _share_the_cores() -> None:
 
 _share_the_cores()
 
+# The files whose tests run SmolLM2 end to end, longest first: started first, they overlap the many short files
+# instead of running alone at the end (pytest-xdist hands out whole files in collection order).
+LONG_FILES = ("test_quality.py", "test_exports.py", "test_archs.py", "test_distributed.py", "test_moe.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(LONG_FILES)))   # stable within a file
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WIKITEXT = SHARED / "data" / "wikitext-2"
 VOCAB = 512
