@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--weights", default="gptq")
+    p.add_argument("--hessians", default="sequential", help="GPTQ Hessians: sequential or one-pass")
     p.add_argument("--r1-reservoir", default="256MiB")
     p.add_argument("--workdir", default=None, help="where the synthetic checkpoint and output go (default: a temp dir)")
     args = p.parse_args()
@@ -34,9 +35,9 @@ def main() -> None:
 
     result = seventy_b(BenchConfig(scale=args.scale, blocks=args.blocks, samples=args.samples, seqlen=args.seqlen,
                                    gpu_mem=parse_bytes(args.gpu_mem), device=args.device, dtype=args.dtype,
-                                   weights=args.weights, r1_reservoir_bytes=parse_bytes(args.r1_reservoir), workdir=Path(args.workdir) if args.workdir else None))
+                                   weights=args.weights, hessians=args.hessians, r1_reservoir_bytes=parse_bytes(args.r1_reservoir), workdir=Path(args.workdir) if args.workdir else None))
     append_results(f"70B-shape pipeline, scale 1/{args.scale}, {args.blocks} blocks, {args.samples}×{args.seqlen}, "
-                   f"{result['device']}", markdown(result), result)
+                   f"{args.hessians} Hessians, {result['device']}", markdown(result), result)
     print(json.dumps(result))
 
 

@@ -150,6 +150,7 @@ def run_cmd(
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: quantize columns by descending Hessian diagonal (groups stay the contiguous column ranges). [preset]"),
     w_clip: Optional[bool] = typer.Option(None, "--w-clip/--no-w-clip", help="MSE-searched weight clipping (QuaRot w_clip). [preset]"),
     damp: float = typer.Option(0.01, help="GPTQ dampening, relative to the mean of the Hessian diagonal."),
+    hessians: Optional[str] = typer.Option(None, "--hessians", help="GPTQ Hessians: sequential (each group's inputs through the weights quantized before it) or one-pass (from one pass of the unquantized model: one forward per block instead of ~2.2). [preset]"),
     a_clip: float = typer.Option(0.9, help="Activation clip ratio."),
     a_symmetric: bool = typer.Option(False, "--a-symmetric", help="Symmetric per-token activations (what int-quantized/pack-quantized A8 exports express, with --a-bits 8 --a-clip 1)."),
     r4_online: bool = typer.Option(False, "--r4-online", help="pack-/int-quantized: R4 online as a transform_config (vLLM TP=1 and streamquant.load apply it; plain transformers does not)."),
@@ -195,7 +196,7 @@ def run_cmd(
     cfg, choice = build_config(base, scheme, dict(method=method, w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits,
                                                   weights=weights, group_size=group_size,
                                                   w_symmetric=None if w_asym is None else not w_asym,
-                                                  act_order=act_order, w_clip=w_clip))
+                                                  act_order=act_order, w_clip=w_clip, hessians=hessians))
     out_dir = None if no_write else Path(out) if out is not None else default_out(model, choice.scheme)
     cfg.out = out_dir
     if dry_run:
@@ -319,6 +320,7 @@ def bench_cmd(
     gpu_mem: str = typer.Option("23GiB", "--gpu-mem", help="GPU budget (ignored on a CPU run)."),
     device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
     weights: str = typer.Option("gptq", help="gptq or rtn."),
+    hessians: str = typer.Option("sequential", "--hessians", help="GPTQ Hessians: sequential (the w4a4 preset's) or one-pass."),
     r1_reservoir: str = typer.Option("256MiB", help="Byte budget of the sampled R1 calibration reservoir."),
     workdir: Optional[str] = typer.Option(None, help="Keep the synthetic checkpoint and output here (default: temp, removed)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
@@ -328,7 +330,7 @@ def bench_cmd(
     from streamquant.bench import BenchConfig, markdown, seventy_b
 
     cfg = BenchConfig(scale=scale, blocks=blocks, samples=samples, seqlen=seqlen, gpu_mem=parse_bytes(gpu_mem),
-                      device=device, dtype=dtype, weights=weights, r1_reservoir_bytes=parse_bytes(r1_reservoir), workdir=Path(workdir) if workdir else None)
+                      device=device, dtype=dtype, weights=weights, hessians=hessians, r1_reservoir_bytes=parse_bytes(r1_reservoir), workdir=Path(workdir) if workdir else None)
     with stage_progress() as on_progress:
         result = seventy_b(cfg, on_progress)
     if as_json:

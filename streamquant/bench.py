@@ -57,6 +57,7 @@ class BenchConfig:
     device: str = "auto"
     dtype: str = "auto"
     weights: str = "gptq"
+    hessians: str = "sequential"          # GPTQ: sequential (the w4a4 preset's) or one-pass
     r1_reservoir_bytes: int = 256 << 20   # R1 trains on this many bytes of sampled rows (QR steps scale with it)
     workdir: Path | None = None        # keep the synthetic checkpoint and output here (default: a temp dir, removed)
 
@@ -78,6 +79,7 @@ def seventy_b(cfg: BenchConfig, on_progress=None) -> dict:
     model, out = work / "model", work / "out"
     try:
         run_cfg = RunConfig(model=str(model), out=out, method="dart", weights=cfg.weights, w_bits=4, a_bits=4,
+                            hessians=cfg.hessians,
                             samples=cfg.samples, seqlen=cfg.seqlen, dtype=cfg.dtype, device=cfg.device,
                             r1_reservoir_bytes=cfg.r1_reservoir_bytes,
                             gpu_mem=cfg.gpu_mem if device.type == "cuda" else None)

@@ -5,7 +5,10 @@
 
 Only one block's weights (plus the prefetched one) exist at any time. Calibration hidden states and the evaluation
 hidden states travel through the *quantized* blocks, so the next block is calibrated on what the real quantized
-model feeds it and the run can end with the quantized model's perplexity without reloading anything.
+model feeds it and the run can end with the quantized model's perplexity without reloading anything. With one-pass
+GPTQ (`--hessians one-pass`) the calibration states travel through the *unquantized* blocks instead: one pass per
+block fills every GPTQ group's Hessian and moves them on, where sequential GPTQ runs a pass per group and the
+quantized block again (~2.2 block forwards).
 Everything decided before the work (model, plan, format, runtime) arrives in a `Prepared` (streamquant.preflight);
 finished blocks leave as `QuantizedBlock` values for the sink (streamquant.writer).
 """
@@ -169,7 +172,7 @@ class Pipeline:
         with stats.stage("embed"):
             hidden, eval_hidden = self.embed(r1, self.dist.mine(calib), self.dist.mine(evals))
         with stats.stage("replay"):
-            self.replay(done, hidden, eval_hidden)
+            self.replay(done, r1, hidden, eval_hidden)
         self.quantize_blocks(r1, done, hidden, eval_hidden)
         with stats.stage("head"):
             norm_w, head_w = self.index.load_head()
@@ -254,11 +257,19 @@ class Pipeline:
             self.sink.write_embedding(table)
         return hidden, eval_hidden
 
-    def replay(self, done: int, hidden: torch.Tensor | None, eval_hidden: torch.Tensor | None) -> None:
-        """Resume: the finished blocks run again from their *quantized* weights on disk."""
+    def replay(self, done: int, r1: torch.Tensor | None, hidden: torch.Tensor | None,
+               eval_hidden: torch.Tensor | None) -> None:
+        """Resume: the finished blocks run again from their *quantized* weights on disk; under one-pass GPTQ the
+        calibration states run through the unquantized block instead, rotated again with the saved R2, as they did."""
         for i in range(done):
             weights = self.dist.from_rank0(self.sink.block_weights(i) if self.sink is not None else None)
             layer = build_rotated_layer(self.engine, i, weights, self.runtime)
+            if self.one_pass and hidden is not None:
+                saved_r2 = self.dist.same(self.sink.block_r2(i) if self.sink is not None else None)
+                unquantized = self.rotated_weights(self.index.load_block(i), r1, saved_r2)
+                self.engine.run_block(build_rotated_layer(self.engine, i, unquantized, self.runtime), hidden)
+                del unquantized
+                hidden = None
             for states in (hidden, eval_hidden):
                 if states is not None:
                     self.engine.run_block(layer, states)
@@ -278,13 +289,17 @@ class Pipeline:
                 stats.block = {"block": i, "forward_equivalents": 0.0}
                 weights, r2, early = self.rotate(i, original, r1, hidden)
                 del original
+                last = i + 1 == self.spec.num_layers
                 with stats.stage("quantize"):
                     layer = build_rotated_layer(engine, i, weights, self.runtime)
                     del weights
+                    if self.one_pass:   # every Hessian from one pass of the unquantized block, which feeds the next
+                        early |= self.one_pass_hessians(layer, hidden, early, last)
                     codes, losses = self.quantize_block(layer, hidden, early)
                 with stats.stage("forward"):
-                    # the calibration states feed the next block's Hessians: after the last block nothing reads them
-                    calib_states = hidden if i + 1 < self.spec.num_layers else None
+                    # the calibration states feed the next block's Hessians: after the last block nothing reads them,
+                    # and one-pass GPTQ has moved them on already
+                    calib_states = hidden if not (last or self.one_pass) else None
                     for states in (calib_states, eval_hidden):
                         if states is not None:
                             engine.run_block(layer, states)
@@ -313,11 +328,17 @@ class Pipeline:
             seed = self.cfg.seed + 1000 * (i + 1)
             r2 = torch.stack([random_hadamard_matrix(self.spec.head_dim, seed + g) for g in range(self.spec.num_kv_heads)])
         with self.stats.stage("rotate"):
-            # --method none is the plain model, the baseline: σ stays in the norms (fused, it would be rounded with
-            # the weights it scales: RTN g64 on SmolLM2 measured 54.4 PPL fused, 39.2 plain)
-            weights = original if self.cfg.method == "none" else rotate_block(original, self.spec, r1, r2, r4_seed,
-                                                                               device)
+            weights = self.rotated_weights(original, r1, r2)
         return weights, r2, early
+
+    def rotated_weights(self, original: dict[str, torch.Tensor], r1: torch.Tensor | None,
+                        r2: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """A block's weights with σ, R1, R2 and R4 fused."""
+        if self.cfg.method == "none":
+            # the plain model, the baseline: σ stays in the norms (fused, it would be rounded with the weights it
+            # scales: RTN g64 on SmolLM2 measured 54.4 PPL fused, 39.2 plain)
+            return original
+        return rotate_block(original, self.spec, r1, r2, self.runtime.r4_seed, self.engine.device)
 
     def calibrate_r2(self, i: int, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, dict[int, GPTQ]]:
         """R2 per KV head from this block's o_proj inputs: one pass, stopped at o_proj. With GPTQ, the same pass feeds
@@ -330,7 +351,10 @@ class Pipeline:
         local, part = self.dist.local_rows(rows, windows.start * hidden.shape[1], windows.stop * hidden.shape[1])
         hooks = Hooks()
         hooks.sample(layer.get_submodule(arch.r2_output), local, samples[part])
-        early = self.hessians(layer, hooks, before=arch.r2_value) if cfg.weights == "gptq" and cfg.weight_cfg else {}
+        names = arch.linear_names   # the groups whose first linear runs no later than v_proj
+        early = self.hessians(layer, hooks, [g for g, grp in enumerate(arch.gptq_order)
+                                             if names.index(grp[0]) <= names.index(arch.r2_value)]
+                              ) if cfg.weights == "gptq" and cfg.weight_cfg else {}
         self.pass_until(layer, hidden, arch.r2_output)
         hooks.remove()
         results = train_r2(self.dist.sum_(samples), spec.num_kv_heads, spec.head_dim, spec.heads_per_group,
@@ -339,15 +363,36 @@ class Pipeline:
                               "final_loss": sum(r.final_loss for r in results)})
         return self.dist.same(torch.stack([r.rotation for r in results])), early
 
-    def hessians(self, layer: nn.Module, hooks: Hooks, before: str | None = None, group: int | None = None
-                 ) -> dict[int, GPTQ]:
-        """GPTQ accumulators hooked on the input of GPTQ group `group`, or of every group whose first linear runs
-        no later than `before`; each sees exactly what its linears' matmuls see (after R4 and the act quantizer)."""
-        order, names = self.arch.gptq_order, self.arch.linear_names
-        chosen = [group] if group is not None else [
-            g for g, grp in enumerate(order) if names.index(grp[0]) <= names.index(before)]
+    @property
+    def one_pass(self) -> bool:
+        """GPTQ Hessians from the unquantized model (--hessians one-pass): one forward per block instead of ~2.2."""
+        return self.cfg.hessians == "one-pass" and self.cfg.weights == "gptq" and self.cfg.weight_cfg is not None
+
+    def one_pass_hessians(self, layer: nn.Module, hidden: torch.Tensor, early: dict[int, GPTQ], last: bool
+                          ) -> dict[int, GPTQ]:
+        """The Hessians of every GPTQ group not in `early` from one pass of the block while its weights are still
+        unquantized; the pass moves `hidden` on to the next block's inputs (the last block's stops at its last
+        group's input). The next block is then calibrated on the unquantized model's states, as if every block
+        before it were exact."""
+        hooks = Hooks()
+        groups = self.hessians(layer, hooks, [g for g in range(len(self.arch.gptq_order)) if g not in early])
+        if last and not self.arch.routed:   # (experts run in a loop where any may see no token: no early stop)
+            self.pass_until(layer, hidden, self.arch.gptq_order[-1][0])
+        elif last:
+            self.engine.run_until(layer, hidden)
+            self.stats.block["forward_equivalents"] += 1.0
+        else:
+            self.engine.run_block(layer, hidden)
+            self.stats.block["forward_equivalents"] += 1.0
+        hooks.remove()
+        return groups
+
+    def hessians(self, layer: nn.Module, hooks: Hooks, groups: list[int]) -> dict[int, GPTQ]:
+        """GPTQ accumulators hooked on the inputs of these GPTQ groups; each sees exactly what its linears' matmuls
+        see (after R4 and the act quantizer)."""
+        order = self.arch.gptq_order
         out = {}
-        for g in chosen:
+        for g in groups:
             first = layer.get_submodule(order[g][0])
             out[g] = GPTQ(first.in_features, device=self.device)
             hooks.each_input(first, out[g].add_batch, transform=QLinear.quantized_input)
@@ -369,7 +414,7 @@ class Pipeline:
             gptq = early.pop(g, None)
             if gptq is None:
                 hooks = Hooks()
-                gptq = self.hessians(layer, hooks, group=g)[g]
+                gptq = self.hessians(layer, hooks, [g])[g]
                 self.pass_until(layer, hidden, group[0])
                 hooks.remove()
             self.dist.reduce_hessian(gptq)   # Σ x xᵀ and row counts of every rank's windows

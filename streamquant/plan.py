@@ -46,6 +46,7 @@ class Workload:
     group_size: int = -1              # weight scales per group of input columns (-1: one per output channel)
     w_asym: bool = False              # asymmetric weights also store packed zero points
     r4_stored: bool = False           # compressed-tensors export with R4 online: a dense fp32 R4 per block
+    one_pass_hessians: bool = False   # GPTQ: every group's Hessian filled in one pass, so all are held at once
     ranks: int = 1                    # torchrun processes: a rank holds its share of the windows, all sampled rows
 
     def share(self, windows: int) -> int:
@@ -212,7 +213,15 @@ def _weight_quant_moments(spec, work: Workload, block: int, forward: int, stored
     shape = {lin.name: (dims[lin.out], dims[lin.inp]) for lin in spec.arch.linears}
     stacked = max(sum(shape[n][0] for n in group) * shape[group[0]][1] for group in spec.arch.gptq_order)
     solve = stacked * b + max(2 * hessian + stacked * 4, hessian + 3 * stacked * 4)
-    return [Moment(block + forward + hessian, stored), Moment(block + solve, stored)]
+    if not work.one_pass_hessians:
+        return [Moment(block + forward + hessian, stored), Moment(block + solve, stored)]
+    # one pass fills every group's Hessian (every expert's, in a MoE block); each is freed by its own solve, so
+    # the groups after the one being solved are still held
+    groups = [(sum(shape[n][0] for n in group) * shape[group[0]][1], shape[group[0]][1] ** 2 * 4)
+              for group in spec.arch.gptq_order]
+    held = [sum(h for _, h in groups[g + 1:]) for g in range(len(groups))]
+    solves = [rows * b + max(2 * h + rows * 4, h + 3 * rows * 4) + later for (rows, h), later in zip(groups, held)]
+    return [Moment(block + forward + sum(h for _, h in groups), stored), Moment(block + max(solves), stored)]
 
 
 def _rotate_moment(spec, stored: int, compute: int, widest: int, on_gpu: bool) -> Moment:

@@ -30,6 +30,7 @@ from streamquant.spec import ModelSpec, read_spec
 from streamquant.writer import copied_files_bytes
 
 METHODS = ("dart", "quarot", "none")
+HESSIANS = ("sequential", "one-pass")
 
 
 @dataclass
@@ -46,6 +47,7 @@ class RunConfig:
     act_order: bool = False
     w_clip: bool = False              # MSE-searched weight clipping (QuaRot w_clip)
     damp: float = 0.01                # GPTQ dampening, relative to mean(diag H)
+    hessians: str = "sequential"      # GPTQ inputs: sequential (through the quantized weights before) | one-pass
     a_clip: float = 0.9
     a_symmetric: bool = False         # symmetric per-token activations (what compressed-tensors/vLLM int8 express)
     r4_online: bool = False           # compressed-tensors formats: R4 online (transform_config), its inverse fused
@@ -81,6 +83,8 @@ class RunConfig:
                             f"{self.r2_train.epochs})")
         if (self.r1_train.batches_per_epoch or 1) < 1:
             raise UserError(f"--r1-steps-per-epoch must be >= 0 (got {self.r1_train.batches_per_epoch})")
+        if self.hessians not in HESSIANS:
+            raise UserError(f"--hessians must be one of {', '.join(HESSIANS)} (got {self.hessians!r})")
         if not self.damp >= 0:
             raise UserError(f"--damp must be >= 0 (got {self.damp})")
         if not 0 < self.a_clip <= 1:
@@ -148,6 +152,7 @@ class RunConfig:
                         r1_reservoir_bytes=self.r1_reservoir_bytes, r2_tokens=self.r2_tokens, text_bytes=max(texts),
                         held_text_bytes=int(calib_bytes * (1 + 8 / BYTES_PER_TOKEN)),
                         group_size=self.group_size, w_asym=not self.w_symmetric,
+                        one_pass_hessians=self.hessians == "one-pass",
                         r4_stored=self.r4_online and self.method != "none"
                         and self.resolved_format in COMPRESSED_TENSORS)
 

@@ -2,8 +2,8 @@
 exports), `w4a4` (the paper), `w4a4kv4`, so one name replaces six flags.
 
 A preset fills only the options the user did not give; an explicit `--w-bits`, `--a-bits`, `--kv-bits`,
-`--weights`, `--group-size`, `--w-asym`/`--w-sym`, `--act-order`/`--no-act-order`, `--w-clip`/`--no-w-clip` or
-`--method` always wins, so a command that names every option does exactly what it did before presets existed.
+`--weights`, `--group-size`, `--w-asym`/`--w-sym`, `--act-order`/`--no-act-order`, `--w-clip`/`--no-w-clip`,
+`--hessians` or `--method` always wins, so a command that names every option does exactly what it did before presets existed.
 Without `--scheme`, the preset is the first whose bits agree with the bits given (so `--a-bits 4` alone means w4a4,
 per-channel weights as in the paper, not w4a16's groups), else w4a16.
 The result is a RunConfig of concrete values: nothing downstream knows presets exist.
@@ -19,7 +19,8 @@ from streamquant.preflight import RunConfig
 
 AUTO_GROUP = 0                      # preset marker: the largest of GROUP_CHOICES that divides every linear input
 GROUP_CHOICES = (128, 64, 32)
-PRESET_KEYS = ("method", "w_bits", "a_bits", "kv_bits", "weights", "group_size", "w_symmetric", "act_order", "w_clip")
+PRESET_KEYS = ("method", "w_bits", "a_bits", "kv_bits", "weights", "group_size", "w_symmetric", "act_order", "w_clip",
+               "hessians")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Scheme:
     w_symmetric: bool = True
     act_order: bool = False
     w_clip: bool = False
+    hessians: str = "sequential"
 
 
 SCHEMES = {s.name: s for s in (
@@ -70,7 +72,9 @@ class Choice:
         group = "per channel" if cfg.group_size == -1 else f"group {cfg.group_size}"
         options = [name for name, on in (("asymmetric", not cfg.w_symmetric),
                                          ("act-order", cfg.act_order and cfg.weights == "gptq"),
-                                         ("MSE-clipped", cfg.w_clip)) if on]
+                                         ("MSE-clipped", cfg.w_clip),
+                                         ("one-pass Hessians", cfg.hessians == "one-pass" and cfg.weights == "gptq"))
+                   if on]
         w = "16-bit weights" if cfg.w_bits >= 16 else " ".join([f"W{cfg.w_bits} {cfg.weights.upper()} {group}", *options])
         return (f"scheme {self.scheme} ({self.source}): {cfg.method} rotations, {w}, A{cfg.a_bits}, KV{cfg.kv_bits}"
                 + (f"; {self.group_note}" if self.group_note else ""))

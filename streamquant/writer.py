@@ -164,5 +164,12 @@ class OutputWriter:
         self._commit()
 
     # ---- read back finished blocks (resume replay) ----
+    def block_r2(self, i: int) -> torch.Tensor | None:
+        """Block i's R2 as written (None for a run without R2)."""
+        if r2_file(i) not in self.manifest["files"]:
+            return None
+        with safe_open(str(self.out / r2_file(i)), framework="pt") as fh:
+            return fh.get_tensor("R2")
+
     def block_weights(self, i: int) -> dict[str, torch.Tensor]:
         return read_block(self.out, i, self.format.spec, self.manifest)
