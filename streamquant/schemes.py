@@ -17,6 +17,7 @@ from typing import Any
 from streamquant.errors import UserError
 from streamquant.preflight import RunConfig
 
+HESSIANS_AUTO = "auto"              # preset marker: one-pass GPTQ Hessians with a rotation, sequential without
 AUTO_GROUP = 0                      # preset marker: the largest of GROUP_CHOICES that divides every linear input
 GROUP_CHOICES = (128, 64, 32)
 PRESET_KEYS = ("method", "w_bits", "a_bits", "kv_bits", "weights", "group_size", "w_symmetric", "act_order", "w_clip",
@@ -41,14 +42,21 @@ class Scheme:
 
 
 SCHEMES = {s.name: s for s in (
-    # GPTQ runs in act-order (static groups, so the export needs no g_idx): on the quality protocol GPTQ g64 measured
-    # 38.42 → 33.66 PPL without rotation (benchmarks/RESULTS.md). Weights stay symmetric although zero points measured
-    # better (--w-asym: 30.36 with act-order): transformers 5.24 with compressed-tensors 0.20.1 cannot load packed zero
-    # points (a size mismatch; vLLM serves them), and these exports must load in transformers
-    Scheme("w4a16", "dart", 4, 16, 16, "gptq", AUTO_GROUP, "INT4 GPTQ weights, 16-bit activations (servable)",
-           act_order=True),
-    Scheme("w4a16-r4", "dart", 4, 16, 16, "gptq", AUTO_GROUP, "w4a16 with R4 online on down_proj's input "
-           "(compressed-tensors transform_config: vLLM, or streamquant.load)", {"r4_online": True}, act_order=True),
+    # Weight-only presets, by measurement on the quality protocol (benchmarks/RESULTS.md, issue 17):
+    # - QuaRot's random Hadamards, not DartQuant's learned R1/R2: over seeds 0/1/2 dart 30.37/29.82/30.47 PPL,
+    #   QuaRot 29.90/30.24/30.73. The Whip loss shapes activations, which a weight-only scheme does not quantize;
+    #   QuaRot skips the capture pass and R1/R2 training. --method dart is one flag away; w4a4 keeps it (it wins there).
+    # - one-pass Hessians (HESSIANS_AUTO): with a rotation no worse than sequential (dart 30.59 → 30.37 and 29.82,
+    #   QuaRot 30.82 → 29.90) at half the block forwards; without one worse (none 33.66 → 34.35), so sequential.
+    # - act-order (static groups, so the export needs no g_idx): GPTQ g64 without rotation 38.42 → 33.66.
+    # - symmetric weights although zero points measured better (--w-asym: 30.36 with act-order, no rotation):
+    #   transformers 5.24 with compressed-tensors 0.20.1 cannot load packed zero points (a size mismatch; vLLM
+    #   serves them), and these exports must load in transformers.
+    Scheme("w4a16", "quarot", 4, 16, 16, "gptq", AUTO_GROUP, "INT4 GPTQ weights, 16-bit activations (servable)",
+           act_order=True, hessians=HESSIANS_AUTO),
+    Scheme("w4a16-r4", "quarot", 4, 16, 16, "gptq", AUTO_GROUP, "w4a16 with R4 online on down_proj's input "
+           "(compressed-tensors transform_config: vLLM, or streamquant.load)", {"r4_online": True}, act_order=True,
+           hessians=HESSIANS_AUTO),
     Scheme("w8a8", "dart", 8, 8, 16, "gptq", -1, "INT8 per-channel weights, dynamic symmetric per-token INT8 "
            "activations (int-quantized)", {"a_symmetric": True, "a_clip": 1.0}),
     Scheme("w4a8", "dart", 4, 8, 16, "gptq", AUTO_GROUP, "INT4 weights, dynamic symmetric per-token INT8 "
@@ -119,6 +127,8 @@ def build_config(cfg: RunConfig, scheme: str | None, given: dict[str, Any]) -> t
     note = ""
     if given.get("group_size") is None and preset.group_size == AUTO_GROUP:   # an explicit 0 stays 0 (refused)
         values["group_size"], note = auto_group_size(linear_inputs(cfg.model)) if values["w_bits"] < 16 else (-1, "")
+    if values["hessians"] == HESSIANS_AUTO:
+        values["hessians"] = "sequential" if values["method"] == "none" else "one-pass"
     return replace(cfg, **values, **(preset.export if source == "--scheme" else {})), Choice(preset.name, source, note)
 
 

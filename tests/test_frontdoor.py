@@ -34,9 +34,15 @@ def test_presets_fill_only_what_was_not_given(tiny_models):
     cfg, choice = build_config(base, None, none)
     # llama tiny: linear inputs 96 (hidden, heads*head_dim) and 224 (intermediate): 128 and 64 do not divide 96/224
     assert (choice.scheme, cfg.method, cfg.weights, cfg.w_bits, cfg.a_bits, cfg.kv_bits, cfg.group_size) == \
-        ("w4a16", "dart", "gptq", 4, 16, 16, 32)
+        ("w4a16", "quarot", "gptq", 4, 16, 16, 32)
     assert "group 32 divides every linear input" in choice.line(cfg)
     assert cfg.w_symmetric and cfg.act_order and "act-order" in choice.line(cfg)
+    # one-pass Hessians with a rotation, sequential without one, an explicit --hessians as given
+    assert cfg.hessians == "one-pass" and "one-pass Hessians" in choice.line(cfg)
+    assert build_config(base, None, {**none, "method": "dart"})[0].hessians == "one-pass"
+    assert build_config(base, None, {**none, "method": "none"})[0].hessians == "sequential"
+    assert build_config(base, None, {**none, "hessians": "sequential"})[0].hessians == "sequential"
+    assert build_config(base, "w4a4", none)[0].hessians == "sequential"
     cfg, _ = build_config(base, None, {**none, "w_symmetric": False, "act_order": False})   # flags win over the preset
     assert not cfg.w_symmetric and not cfg.act_order and "asymmetric" in choice.line(cfg)
     cfg, _ = build_config(base, "w4a16", {**none, "group_size": 16, "weights": "rtn"})
@@ -95,7 +101,7 @@ def test_bad_scheme_options_are_one_line(tiny_models, tmp_path, args, message):
 def test_plain_lines_run_log_and_summary(tiny_models, tmp_path):
     """stderr is a pipe here: timestamped lines per stage and per block; run.log holds them; verify ignores it."""
     out = tmp_path / "out"
-    res = run_cli(*run_args(tiny_models["llama"], out, "--scheme", "w4a16"))
+    res = run_cli(*run_args(tiny_models["llama"], out, "--scheme", "w4a16", "--method", "dart"))  # every stage
     assert res.returncode == 0, res.stderr
     for pattern in (r"stage capture started", r"capture block 4/4 done in [\d.]+s · ETA", r"stage r1 done in",
                     r"stage blocks started", r"quantize block 1/4 done in [\d.]+s · ETA \d+:\d\d · host [\d.]+ GiB "

@@ -90,7 +90,8 @@ def test_one_pass_resume_after_sigkill_is_byte_identical(tiny_models, tmp_path):
     from pathlib import Path
 
     model = tiny_models["llama"]
-    extra = ["--w-bits", "4", "--a-bits", "16", "--weights", "gptq", "--group-size", "16", "--hessians", "one-pass"]
+    extra = ["--method", "dart", "--w-bits", "4", "--a-bits", "16", "--weights", "gptq", "--group-size", "16",
+             "--hessians", "one-pass"]
     whole = tmp_path / "whole"
     assert run_cli(*run_args(model, whole, *extra)).returncode == 0
     out = tmp_path / "out"
