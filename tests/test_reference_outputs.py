@@ -19,7 +19,7 @@ import pytest
 
 from conftest import WIKITEXT
 
-REFERENCE_COMMIT = "34c2f03"   # R1 in ~100 large steps, w4a16 act-order (issue 17); 0dbf21c, 92d6f57 before
+REFERENCE_COMMIT = "2c5687d"   # w4a16 bits: one-pass GPTQ Hessians (issue 17); 34c2f03, 0dbf21c, 92d6f57 before
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--samples", "4", "--seqlen", "48", "--r1-epochs", "2", "--r2-epochs", "1", "--r1-reservoir", "1MiB", "--seed", "3"]
 SCHEMES = {
