@@ -96,6 +96,9 @@ class ArchMap:
     moe: MoeMap | None = None             # the MLP is a sparse MoE (linear names hold EXPERT until with_experts)
     r4_names: tuple[str, ...] = ()        # every linear R4 sits on (default: r4 alone; MoE: every expert's down)
     routed: tuple[str, ...] = ()          # linears that see only the tokens routed to them (MoE experts' linears)
+    gptq_stage: tuple[int, ...] = ()      # per GPTQ group: groups of one stage read inputs no group of the stage
+                                          # changes (one expert template's groups), so one pass fills all their
+                                          # Hessians; () = each group its own stage
     layer_prefix: str = "model.layers."
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
@@ -106,6 +109,8 @@ class ArchMap:
         object.__setattr__(self, "linear_names", tuple(lin.name for lin in self.linears))
         if not self.r4_names:
             object.__setattr__(self, "r4_names", (self.r4,))
+        if not self.gptq_stage:
+            object.__setattr__(self, "gptq_stage", tuple(range(len(self.gptq_order))))
         readers = [name for nm in self.norms for name in nm.readers]
         for name in (*readers, *self.residual_writers, self.r2_value, self.r2_output, *self.r4_names,
                      *self.unquantized, *(n for group in self.gptq_order for n in group)):
@@ -151,15 +156,16 @@ class ArchMap:
             if lin is not None:
                 linears.append(lin)
         groups: list[tuple[str, ...]] = []
-        for group in self.gptq_order:
-            if any(EXPERT in name for name in group):
-                groups += [tuple(name.replace(EXPERT, str(e)) for name in group) for e in range(n)]
-            else:
-                groups.append(group)
+        stages: list[int] = []
+        for stage, group in enumerate(self.gptq_order):
+            copies = n if any(EXPERT in name for name in group) else 1
+            groups += [tuple(name.replace(EXPERT, str(e)) for name in group) for e in range(copies)]
+            stages += [stage] * copies
         r4_names = names(self.r4_names)
         return replace(self, linears=tuple(linears),
                        norms=tuple(NormMap(nm.norm, names(nm.readers)) for nm in self.norms),
                        residual_writers=names(self.residual_writers), gptq_order=tuple(groups),
+                       gptq_stage=tuple(stages),
                        unquantized=names(self.unquantized), r4=r4_names[0], r4_names=r4_names,
                        routed=tuple(lin.name for lin in linears if lin.name not in self.linear_names),
                        biases=tuple(BiasRule(b.flag, names(b.linears)) for b in self.biases))

@@ -411,12 +411,9 @@ class Pipeline:
         linears, codes, losses = qlinears(layer, self.arch), {}, {}
         for g, group in enumerate(self.arch.gptq_order):
             # the linears of a group read the same input, so they share one Hessian (q/k/v: 3× less memory)
-            gptq = early.pop(g, None)
-            if gptq is None:
-                hooks = Hooks()
-                gptq = self.hessians(layer, hooks, [g])[g]
-                self.pass_until(layer, hidden, group[0])
-                hooks.remove()
+            if g not in early:
+                early |= self.stage_hessians(layer, hidden, g, early)
+            gptq = early.pop(g)
             self.dist.reduce_hessian(gptq)   # Σ x xᵀ and row counts of every rank's windows
             t0 = time.perf_counter()
             self.stats.block.setdefault("gptq_tokens", {})[group[0]] = gptq.n_samples   # per expert in a MoE block
@@ -439,6 +436,23 @@ class Pipeline:
                 losses[name] = part.loss
             self.stats.block["gptq_solve"] = self.stats.block.get("gptq_solve", 0.0) + time.perf_counter() - t0
         return codes, losses
+
+    def stage_hessians(self, layer: nn.Module, hidden: torch.Tensor, g: int, early: dict[int, GPTQ]
+                       ) -> dict[int, GPTQ]:
+        """The Hessians of group g and of the later groups of its stage (a MoE block's experts: their inputs do not
+        depend on each other's weights) from one pass: stopped at g's input for a group alone, whole for a stage of
+        experts, where any expert may see no token. Each Hessian equals the one a pass of its own would fill."""
+        stage = self.arch.gptq_stage
+        groups = [g2 for g2 in range(g, len(stage)) if stage[g2] == stage[g] and g2 not in early]
+        hooks = Hooks()
+        out = self.hessians(layer, hooks, groups)
+        if len(groups) == 1:
+            self.pass_until(layer, hidden, self.arch.gptq_order[g][0])
+        else:
+            self.engine.run_until(layer, hidden)
+            self.stats.block["forward_equivalents"] += 1.0
+        hooks.remove()
+        return out
 
     def pass_until(self, layer: nn.Module, hidden: torch.Tensor, stop_at: str) -> None:
         """One calibration pass for the hooks' sake, stopped at `stop_at`'s input; its work is counted in units of

@@ -197,10 +197,10 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
 
 def _weight_quant_moments(spec, work: Workload, block: int, forward: int, stored: int, widest: int, b: int
                           ) -> list[Moment]:
-    """Quantizing one block's weights beside the built block and its codes (`block`): GPTQ per group runs a forward
-    (`forward`: activations and scratch) that feeds one Hessian, then solves; RTN holds an fp32 work copy and the
-    dequantized weight."""
-    h, i = spec.hidden_size, spec.mlp_width   # MoE: GPTQ holds one expert's Hessian at a time
+    """Quantizing one block's weights beside the built block and its codes (`block`): GPTQ runs a forward
+    (`forward`: activations and scratch) that feeds one group's Hessian (a MoE stage's experts': each of theirs;
+    one-pass: every group's), then solves; RTN holds an fp32 work copy and the dequantized weight."""
+    h, i = spec.hidden_size, spec.mlp_width
     if work.w_bits >= 16:
         return []
     if work.weights != "gptq":
@@ -213,15 +213,19 @@ def _weight_quant_moments(spec, work: Workload, block: int, forward: int, stored
     shape = {lin.name: (dims[lin.out], dims[lin.inp]) for lin in spec.arch.linears}
     stacked = max(sum(shape[n][0] for n in group) * shape[group[0]][1] for group in spec.arch.gptq_order)
     solve = stacked * b + max(2 * hessian + stacked * 4, hessian + 3 * stacked * 4)
-    if not work.one_pass_hessians:
+    stage = spec.arch.gptq_stage
+    if not work.one_pass_hessians and len(set(stage)) == len(stage):
         return [Moment(block + forward + hessian, stored), Moment(block + solve, stored)]
-    # one pass fills every group's Hessian (every expert's, in a MoE block); each is freed by its own solve, so
-    # the groups after the one being solved are still held
+    # a pass fills the Hessians of every group (one-pass) or of a stage's groups (a MoE block's experts); each is
+    # freed by its own solve, so the groups after the one being solved that the same pass filled are still held
     groups = [(sum(shape[n][0] for n in group) * shape[group[0]][1], shape[group[0]][1] ** 2 * 4)
               for group in spec.arch.gptq_order]
-    held = [sum(h for _, h in groups[g + 1:]) for g in range(len(groups))]
-    solves = [rows * b + max(2 * h + rows * 4, h + 3 * rows * 4) + later for (rows, h), later in zip(groups, held)]
-    return [Moment(block + forward + sum(h for _, h in groups), stored), Moment(block + max(solves), stored)]
+    filled = [[g2 for g2 in range(len(groups)) if work.one_pass_hessians or stage[g2] == stage[g]]
+              for g in range(len(groups))]
+    passes = max(sum(groups[g2][1] for g2 in same) for same in filled)
+    solves = [rows * b + max(2 * hg + rows * 4, hg + 3 * rows * 4) + sum(groups[g2][1] for g2 in same if g2 > g)
+              for g, ((rows, hg), same) in enumerate(zip(groups, filled))]
+    return [Moment(block + forward + passes, stored), Moment(block + max(solves), stored)]
 
 
 def _rotate_moment(spec, stored: int, compute: int, widest: int, on_gpu: bool) -> Moment:
