@@ -19,7 +19,7 @@ import pytest
 
 from conftest import WIKITEXT
 
-REFERENCE_COMMIT = "2c5687d"   # w4a16 bits: one-pass GPTQ Hessians (issue 17); 34c2f03, 0dbf21c, 92d6f57 before
+REFERENCE_COMMIT = "8bd4aa7"   # GPTQ scan gathers errors per column (issue 11); 2c5687d, 34c2f03, 0dbf21c before
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--samples", "4", "--seqlen", "48", "--r1-epochs", "2", "--r2-epochs", "1", "--r1-reservoir", "1MiB", "--seed", "3"]
 SCHEMES = {   # name: (tiny model, options)
@@ -29,7 +29,8 @@ SCHEMES = {   # name: (tiny model, options)
     # data-free since issue 11 (no calibration pass at all): the same bytes as when it ran them
     "quarot-w4a4kv4-rtn": ("llama", ["--method", "quarot", "--w-bits", "4", "--a-bits", "4", "--kv-bits", "4",
                                      "--weights", "rtn"]),
-    # sequential GPTQ of MoE experts: one pass fills a stage's expert Hessians (issue 11), each as its own pass did
+    # sequential GPTQ of MoE experts: one pass fills a stage's expert Hessians (issue 11); d6c498f wrote the same
+    # bytes as 2c5687d's pass per expert
     "dart-w4a4-gptq-mixtral": ("mixtral", ["--method", "dart", "--w-bits", "4", "--a-bits", "4", "--weights", "gptq"]),
 }
 
