@@ -126,7 +126,9 @@ def test_terminal_view_in_tmux(tiny_models, tmp_path):
         pytest.skip("tmux is not installed")
     session = f"sq-{os.getpid()}"
     out = tmp_path / "out"
-    cmd = shlex.join([EXE, *run_args(tiny_models["llama"], out, "--scheme", "w4a16", "--samples", "24")])
+    # dart: a capture stage and a learned R2 per block, so the run lasts long enough for a few screens
+    cmd = shlex.join([EXE, *run_args(tiny_models["llama"], out, "--scheme", "w4a16", "--method", "dart",
+                                     "--samples", "24")])
     env = {k: v for k, v in os.environ.items() if k != "STREAMQUANT_PROGRESS"}
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50",
                     f"{cmd}; echo EXIT=$?; sleep 600"], check=True, env=env)
