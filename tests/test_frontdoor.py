@@ -126,9 +126,10 @@ def test_terminal_view_in_tmux(tiny_models, tmp_path):
         pytest.skip("tmux is not installed")
     session = f"sq-{os.getpid()}"
     out = tmp_path / "out"
-    # dart: a capture stage and a learned R2 per block, so the run lasts long enough for a few screens
+    # dart (a capture stage, a learned R2 per block) over 96 × 128 tokens: a run of several seconds, so the screens
+    # polled below catch its bars (the tiny default run took 1.6 s, between two screens)
     cmd = shlex.join([EXE, *run_args(tiny_models["llama"], out, "--scheme", "w4a16", "--method", "dart",
-                                     "--samples", "24")])
+                                     "--samples", "96", "--seqlen", "128")])
     env = {k: v for k, v in os.environ.items() if k != "STREAMQUANT_PROGRESS"}
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50",
                     f"{cmd}; echo EXIT=$?; sleep 600"], check=True, env=env)
@@ -141,7 +142,7 @@ def test_terminal_view_in_tmux(tiny_models, tmp_path):
             screens.append(screen)
             if "EXIT=" in screen:
                 break
-            time.sleep(0.3)
+            time.sleep(0.1)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session])
     assert "EXIT=0" in screens[-1], screens[-1]
