@@ -80,6 +80,22 @@ def test_killed_group_resumes_to_the_same_bytes(model, eval_text, runs, tmp_path
     assert last_json(resumed.stdout)["ppl"] == runs["a"]["ppl"]
 
 
+def test_one_pass_group_resumes_to_the_same_bytes(model, tmp_path):
+    """One-pass GPTQ (the w4a16 presets' Hessians) under torchrun: a killed group resumes by replaying each rank's
+    calibration states through the unquantized blocks, rotated with the R2 rank 0 reads back and sends, and writes
+    the uninterrupted group's bytes."""
+    one_pass = ["--method", "dart", "--w-bits", "4", "--a-bits", "16", "--weights", "gptq", "--group-size", "16",
+                "--hessians", "one-pass", "--samples", "5"]
+    whole = torchrun(*run_args(model, tmp_path / "whole", *one_pass))
+    assert whole.returncode == 0, whole.stderr
+    args = run_args(model, tmp_path / "out", *one_pass)
+    killed = torchrun(*args, env={"STREAMQUANT_CRASH_AT": "after:block-00001.safetensors"})
+    assert killed.returncode != 0
+    resumed = torchrun(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert tree(tmp_path / "out") == tree(tmp_path / "whole")
+
+
 def test_a_failing_rank_brings_the_group_down_with_one_line(model, runs, tmp_path):
     """Rank 0 refuses a non-empty --out (without --resume) while rank 1 already waits for it: the group ends at
     once, non-zero, and the refusal is one line naming the rank."""
