@@ -376,11 +376,8 @@ class Pipeline:
         before it were exact."""
         hooks = Hooks()
         groups = self.hessians(layer, hooks, [g for g in range(len(self.arch.gptq_order)) if g not in early])
-        if last and not self.arch.routed:   # (experts run in a loop where any may see no token: no early stop)
-            self.pass_until(layer, hidden, self.arch.gptq_order[-1][0])
-        elif last:
-            self.engine.run_until(layer, hidden)
-            self.stats.block["forward_equivalents"] += 1.0
+        if last:   # (experts run in a loop where any may see no token: no early stop)
+            self.pass_until(layer, hidden, None if self.arch.routed else self.arch.gptq_order[-1][0])
         else:
             self.engine.run_block(layer, hidden)
             self.stats.block["forward_equivalents"] += 1.0
@@ -446,17 +443,17 @@ class Pipeline:
         groups = [g2 for g2 in range(g, len(stage)) if stage[g2] == stage[g] and g2 not in early]
         hooks = Hooks()
         out = self.hessians(layer, hooks, groups)
-        if len(groups) == 1:
-            self.pass_until(layer, hidden, self.arch.gptq_order[g][0])
-        else:
-            self.engine.run_until(layer, hidden)
-            self.stats.block["forward_equivalents"] += 1.0
+        self.pass_until(layer, hidden, self.arch.gptq_order[g][0] if len(groups) == 1 else None)
         hooks.remove()
         return out
 
-    def pass_until(self, layer: nn.Module, hidden: torch.Tensor, stop_at: str) -> None:
-        """One calibration pass for the hooks' sake, stopped at `stop_at`'s input; its work is counted in units of
-        one full block forward over all calibration samples."""
+    def pass_until(self, layer: nn.Module, hidden: torch.Tensor, stop_at: str | None) -> None:
+        """One calibration pass for the hooks' sake, stopped at `stop_at`'s input (None: the whole block); its work
+        is counted in units of one full block forward over all calibration samples."""
+        if stop_at is None:
+            self.engine.run_until(layer, hidden)
+            self.stats.block["forward_equivalents"] += 1.0
+            return
         self.engine.run_until(layer, hidden, layer.get_submodule(stop_at))
         self.stats.block["forward_equivalents"] += self.arch.share_before(stop_at, self.spec.dims())
 

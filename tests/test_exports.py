@@ -102,8 +102,8 @@ def test_export_runs_in_transformers_like_our_eval(exports, eval_text, name):
 
 
 SMOLLM2_EXPORTS = {   # name: (options, format, R4 online); dart GPTQ once, the rest data-free (quarot RTN) for time
-    "w4a16": (["--scheme", "w4a16", "--method", "dart", "--samples", "4", "--seqlen", "128", "--r1-epochs", "1", "--r2-epochs", "1",
-               "--r1-reservoir", "4MiB"], "pack-quantized", False),
+    "w4a16": (["--scheme", "w4a16", "--method", "dart", "--samples", "4", "--seqlen", "128", "--r1-epochs", "1",
+               "--r2-epochs", "1", "--r1-reservoir", "4MiB"], "pack-quantized", False),
     "w4a16-r4": (["--scheme", "w4a16-r4", "--method", "quarot", "--weights", "rtn"], "pack-quantized", True),
     "w8a8": (["--scheme", "w8a8", "--method", "quarot", "--weights", "rtn"], "int-quantized", False),
     "w4a8-r4": (["--scheme", "w4a8", "--method", "quarot", "--weights", "rtn", "--r4-online"], "pack-quantized", True),

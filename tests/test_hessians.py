@@ -3,6 +3,12 @@ inputs transformers' own full-model forward gives it; sequential GPTQ does not (
 already quantized); a one-pass run resumes to the same bytes."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from conftest import WIKITEXT, run_cli
@@ -83,12 +89,6 @@ def test_one_pass_quantizes_against_the_unquantized_models_inputs(tiny_models, t
 
 def test_one_pass_resume_after_sigkill_is_byte_identical(tiny_models, tmp_path):
     """The resumed run's calibration states replay through the *unquantized* blocks (rotated with the saved R2)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
     model = tiny_models["llama"]
     extra = ["--method", "dart", "--w-bits", "4", "--a-bits", "16", "--weights", "gptq", "--group-size", "16",
              "--hessians", "one-pass"]
