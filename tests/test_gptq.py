@@ -172,6 +172,28 @@ def test_hessian_is_the_mean_over_tokens():
         g.add_batch(torch.randn(4, 13))
 
 
+def test_hessian_wider_than_a_gram_block_is_the_dense_symmetric_sum():
+    """add_batch sums only the block rows on and above the diagonal; H mirrors them: over several blocks (and a
+    short last one) it equals a dense fp64 2/N XᵀX, is exactly symmetric, and free_hessian's in-place mirror gives
+    the same quantization as the copy."""
+    from streamquant.quant import gptq as gptq_module
+
+    d = 2 * gptq_module._GRAM_BLOCK + 37
+    x = _correlated_inputs(600, d, seed=30)
+    g = GPTQ(d)
+    for b in x.split([1, 250, 349]):
+        g.add_batch(b)
+    H = g.H
+    assert torch.equal(H, H.T)
+    dense = 2 / x.shape[0] * x.double().T @ x.double()
+    assert float((H.double() - dense).abs().max()) <= 1e-6 * float(dense.abs().max())
+    w = torch.randn(8, d, generator=torch.Generator().manual_seed(31))
+    cfg = WeightQuantConfig(bits=4, group_size=-1)
+    kept = g.quantize(w, cfg)
+    freed = g.quantize(w, cfg, free_hessian=True)
+    assert torch.equal(kept.q, freed.q) and kept.loss == freed.loss
+
+
 def _running_mean_hessian(batches: list[torch.Tensor]) -> torch.Tensor:
     """The previous accumulation (and the IST-DASLab reference's): H rescaled to the running mean at every batch."""
     d = batches[0].shape[-1]

@@ -337,7 +337,7 @@ def test_mse_clip_row_chunks_do_not_change_the_result(monkeypatch):
     w = _weights("heavy", 37, 96, seed=25).float()
     cfg = WeightQuantConfig(bits=4, group_size=32, symmetric=False, mse_clip=True)
     whole = weight_qparams(w, cfg)
-    monkeypatch.setattr(qz, "_MSE_CHUNK_ELEMENTS", 5 * 96)  # 5 rows a chunk, the last one short
+    monkeypatch.setattr(qz, "_MSE_CHUNK_ELEMENTS", 5 * 96 * len(qz.MSE_CLIP_SHRINKS))  # 5 rows a chunk, the last short
     chunked = weight_qparams(w, cfg)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 

@@ -10,6 +10,8 @@ deliberate choices:
 * ``H = 2/N Σ x xᵀ`` where N counts token rows (the reference counts sequences; the scalar does not change the
   result because dampening is relative, only the reported loss). ``add_batch`` accumulates the plain sum
   ``Σ x xᵀ`` and ``quantize`` divides once, instead of the reference's running mean rescaled at every batch.
+  Only the blocks on and above the diagonal are summed (``H`` is symmetric): ~0.6 of the multiply-adds of a full
+  ``xᵀx``, which on a CPU cost about as much as the block's own forward; the lower triangle is mirrored once.
 * Dead inputs (``H_ii = 0``): ``H_ii = 1`` and ``W[:, i] = 0`` *before* the per-channel grid is computed, so weights
   that never see an input do not stretch the grid.
 * Dynamic groups (no act_order) take their scale/zero from the fully updated weights when the scan reaches the
@@ -48,6 +50,9 @@ __all__ = ["GPTQ", "GPTQResult"]
 log = logging.getLogger(__name__)
 
 _DAMP_RETRIES = 3  # retries use max(damp, 1e-3) · 10, · 100, · 1000
+# Width of the block rows of Σ x xᵀ that add_batch sums: narrower skips more of the lower triangle, wider keeps each
+# matmul large. 192 measured fastest on the 2-core CPU for widths 576 and 1536 (0.40 → 0.18 s for 1536 × 4096 rows).
+_GRAM_BLOCK = 192
 
 
 @dataclass
@@ -92,7 +97,8 @@ class GPTQ:
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
         self.in_features = in_features
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        # Plain sum S = Σ x xᵀ over every token row; H = 2/N · S is formed once, in quantize(). A running mean
+        # Plain sum S = Σ x xᵀ over every token row, valid on and above the diagonal blocks (the rest is mirrored
+        # when H is formed); H = 2/N · S is formed once, in quantize(). A running mean
         # rescales all of H at every batch: one more rounding per entry per batch for nothing. Kept in fp32, not
         # fp64: measured on ~8000 rows (width 576, Gaussian and heavy-tailed, 256 batches of 1..64 rows) against a
         # dense fp64 2/N XᵀX, the fp32 sum is off by ≤ 7e-7 of max|H| (the running mean by up to 1.4e-6) and an
@@ -104,7 +110,7 @@ class GPTQ:
     @property
     def H(self) -> Tensor | None:
         """The Hessian ``2/N Σ x xᵀ`` of the inputs so far (a new tensor), or None after ``free_hessian``."""
-        return None if self.S is None else self.S * (2.0 / max(self.n_samples, 1))
+        return None if self.S is None else _mirror_upper_(self.S.clone()) * (2.0 / max(self.n_samples, 1))
 
     @torch.no_grad()
     def add_batch(self, x: Tensor) -> None:
@@ -117,7 +123,9 @@ class GPTQ:
         if x.shape[0] == 0:
             return
         self.n_samples += x.shape[0]
-        self.S.addmm_(x.t(), x)
+        xt = x.t()
+        for i in range(0, self.in_features, _GRAM_BLOCK):   # S's upper block rows: [i:i+b, i:] += x[:, i:i+b]ᵀ x[:, i:]
+            self.S[i : i + _GRAM_BLOCK, i:].addmm_(xt[i : i + _GRAM_BLOCK], x[:, i:])
 
     @torch.no_grad()
     def quantize(
@@ -148,10 +156,10 @@ class GPTQ:
 
         W = weight.to(device=self.device, dtype=torch.float32, copy=True)
         if free_hessian:
-            H, self.S = self.S, None
+            H, self.S = _mirror_upper_(self.S), None
             H *= 2.0 / self.n_samples  # H = 2/N · S, once, in S's own memory
         else:
-            H = self.S * (2.0 / self.n_samples)
+            H = self.H
 
         # Inputs that are always zero: their weights never matter; make H invertible there.
         dead = torch.diag(H) == 0
@@ -310,6 +318,18 @@ class GPTQ:
             f"GPTQ: Hessian of size {H.shape[0]} is not positive definite even with damp in {tried} "
             "(calibration inputs degenerate or non-finite?)"
         )
+
+
+def _mirror_upper_(S: Tensor) -> Tensor:
+    """``S`` made exactly symmetric from its upper triangle, in place (one block of columns at a time, so no
+    ``n × n`` temporary: the point of ``free_hessian``). Returns ``S``."""
+    n = S.shape[0]
+    for i in range(0, n, _GRAM_BLOCK):
+        j = min(i + _GRAM_BLOCK, n)
+        diag = S[i:j, i:j]
+        diag.copy_(diag.triu() + diag.triu(1).t())
+        S[j:, i:j] = S[i:j, j:].t()
+    return S
 
 
 def _per_channel(cfg: WeightQuantConfig) -> WeightQuantConfig:
