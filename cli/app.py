@@ -321,6 +321,7 @@ def bench_cmd(
     device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
     weights: str = typer.Option("gptq", help="gptq or rtn."),
     hessians: str = typer.Option("sequential", "--hessians", help="GPTQ Hessians: sequential (the w4a4 preset's) or one-pass."),
+    w_clip: bool = typer.Option(False, "--w-clip/--no-w-clip", help="The w4a4 preset's MSE weight clip search (off: comparable with earlier entries)."),
     r1_reservoir: str = typer.Option("256MiB", help="Byte budget of the sampled R1 calibration reservoir."),
     workdir: Optional[str] = typer.Option(None, help="Keep the synthetic checkpoint and output here (default: temp, removed)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
@@ -330,7 +331,7 @@ def bench_cmd(
     from streamquant.bench import BenchConfig, markdown, seventy_b
 
     cfg = BenchConfig(scale=scale, blocks=blocks, samples=samples, seqlen=seqlen, gpu_mem=parse_bytes(gpu_mem),
-                      device=device, dtype=dtype, weights=weights, hessians=hessians, r1_reservoir_bytes=parse_bytes(r1_reservoir), workdir=Path(workdir) if workdir else None)
+                      device=device, dtype=dtype, weights=weights, hessians=hessians, w_clip=w_clip, r1_reservoir_bytes=parse_bytes(r1_reservoir), workdir=Path(workdir) if workdir else None)
     with stage_progress() as on_progress:
         result = seventy_b(cfg, on_progress)
     if as_json:

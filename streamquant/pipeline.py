@@ -464,7 +464,8 @@ class Pipeline:
         cfg, stats, p = self.cfg, self.stats, self.prepared
         result = {
             "model": str(p.model_dir), "method": cfg.method, "weights": cfg.weights, "w_bits": cfg.w_bits,
-            "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits, "group_size": cfg.group_size, "samples": cfg.samples,
+            "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits, "group_size": cfg.group_size, "w_symmetric": cfg.w_symmetric,
+            "act_order": cfg.act_order, "w_clip": cfg.w_clip, "hessians": cfg.hessians, "samples": cfg.samples,
             "seqlen": cfg.seqlen, "seed": cfg.seed, "device": str(self.device), "format": p.format.name,
             "dtype": str(p.dtype).removeprefix("torch."), "micro_batch": self.engine.micro_batch,
         }

@@ -19,6 +19,7 @@ from streamquant.errors import UserError
 from streamquant.preflight import RunConfig
 
 HESSIANS_AUTO = "auto"              # preset marker: one-pass GPTQ Hessians with a rotation, sequential without
+W_CLIP_AUTO = "auto"                # preset marker: the MSE clip search for GPTQ weights without a rotation only
 AUTO_GROUP = 0                      # preset marker: the largest of GROUP_CHOICES that divides every linear input
 GROUP_CHOICES = (128, 64, 32)
 PRESET_KEYS = ("method", "w_bits", "a_bits", "kv_bits", "weights", "group_size", "w_symmetric", "act_order", "w_clip",
@@ -38,7 +39,7 @@ class Scheme:
     export: dict[str, Any] = field(default_factory=dict)   # what the scheme's serving format requires, applied as is
     w_symmetric: bool = True
     act_order: bool = False
-    w_clip: bool = False
+    w_clip: bool | str = False
     hessians: str = "sequential"
 
 
@@ -50,21 +51,26 @@ SCHEMES = {s.name: s for s in (
     # - one-pass Hessians (HESSIANS_AUTO): with a rotation no worse than sequential (dart 30.59 → 30.37 and 29.82,
     #   QuaRot 30.82 → 29.90) at half the block forwards; without one worse (none 33.66 → 34.35), so sequential.
     # - act-order (static groups, so the export needs no g_idx): GPTQ g64 without rotation 38.42 → 33.66.
+    # - the MSE clip search (W_CLIP_AUTO) where outliers are left in the weights: GPTQ act-order without rotation
+    #   33.66 → 31.25. After a rotation it gains nothing (QuaRot 29.90 → 30.02) and RTN loses (none 39.21 → 40.09).
     # - symmetric weights although zero points measured better (--w-asym: 30.36 with act-order, no rotation):
     #   transformers 5.24 with compressed-tensors 0.20.1 cannot load packed zero points (a size mismatch; vLLM
     #   serves them), and these exports must load in transformers.
     Scheme("w4a16", "quarot", 4, 16, 16, "gptq", AUTO_GROUP, "INT4 GPTQ weights, 16-bit activations (servable)",
-           act_order=True, hessians=HESSIANS_AUTO),
+           act_order=True, w_clip=W_CLIP_AUTO, hessians=HESSIANS_AUTO),
     Scheme("w4a16-r4", "quarot", 4, 16, 16, "gptq", AUTO_GROUP, "w4a16 with R4 online on down_proj's input "
            "(compressed-tensors transform_config: vLLM, or streamquant.load)", {"r4_online": True}, act_order=True,
-           hessians=HESSIANS_AUTO),
+           w_clip=W_CLIP_AUTO, hessians=HESSIANS_AUTO),
     Scheme("w8a8", "dart", 8, 8, 16, "gptq", -1, "INT8 per-channel weights, dynamic symmetric per-token INT8 "
            "activations (int-quantized)", {"a_symmetric": True, "a_clip": 1.0}),
     Scheme("w4a8", "dart", 4, 8, 16, "gptq", AUTO_GROUP, "INT4 weights, dynamic symmetric per-token INT8 "
            "activations (pack-quantized)", {"a_symmetric": True, "a_clip": 1.0}),
+    # W4A4: the MSE clip search, as in the rotation papers' W4A4 results: per-channel GPTQ dart 43.91 → 40.92 and
+    # 46.01 → 44.84 (two code versions), QuaRot 48.97 → 43.22, QuaRot RTN 220.1 → 135.6; ~160 s of one CPU core
+    # per 100M weights.
     Scheme("w4a4", "dart", 4, 4, 16, "gptq", -1,
-           "the paper: per-channel INT4 GPTQ weights, asymmetric per-token INT4 activations"),
-    Scheme("w4a4kv4", "dart", 4, 4, 4, "gptq", -1, "w4a4 plus an INT4 KV cache"),
+           "the paper: per-channel INT4 GPTQ weights, asymmetric per-token INT4 activations", w_clip=True),
+    Scheme("w4a4kv4", "dart", 4, 4, 4, "gptq", -1, "w4a4 plus an INT4 KV cache", w_clip=True),
 )}
 DEFAULT = "w4a16"
 
@@ -130,6 +136,8 @@ def build_config(cfg: RunConfig, scheme: str | None, given: dict[str, Any]) -> t
         values["group_size"], note = auto_group_size(linear_inputs(cfg.model)) if values["w_bits"] < 16 else (-1, "")
     if values["hessians"] == HESSIANS_AUTO:
         values["hessians"] = "sequential" if values["method"] == "none" else "one-pass"
+    if values["w_clip"] == W_CLIP_AUTO:
+        values["w_clip"] = values["method"] == "none" and values["weights"] == "gptq"
     return replace(cfg, **values, **(preset.export if source == "--scheme" else {})), Choice(preset.name, source, note)
 
 

@@ -43,13 +43,21 @@ def test_presets_fill_only_what_was_not_given(tiny_models):
     assert build_config(base, None, {**none, "method": "none"})[0].hessians == "sequential"
     assert build_config(base, None, {**none, "hessians": "sequential"})[0].hessians == "sequential"
     assert build_config(base, "w4a4", none)[0].hessians == "sequential"
+    # the MSE clip search for GPTQ without a rotation only; an explicit --w-clip/--no-w-clip as given
+    assert not cfg.w_clip and "MSE-clipped" not in choice.line(cfg)
+    cfg_none, _ = build_config(base, None, {**none, "method": "none"})
+    assert cfg_none.w_clip and "MSE-clipped" in choice.line(cfg_none)
+    assert not build_config(base, None, {**none, "method": "none", "weights": "rtn"})[0].w_clip
+    assert not build_config(base, None, {**none, "method": "none", "w_clip": False})[0].w_clip
+    assert build_config(base, "w4a16-r4", {**none, "w_clip": True})[0].w_clip
     cfg, _ = build_config(base, None, {**none, "w_symmetric": False, "act_order": False})   # flags win over the preset
     assert not cfg.w_symmetric and not cfg.act_order and "asymmetric" in choice.line(cfg)
     cfg, _ = build_config(base, "w4a16", {**none, "group_size": 16, "weights": "rtn"})
     assert (cfg.group_size, cfg.weights) == (16, "rtn")
-    # today's explicit flags (tests/test_reference_outputs.py) give today's config: no group, KV16
+    # the reference-output test's explicit flags give the preset's config: no group, KV16
     cfg, choice = build_config(base, None, {**none, "method": "dart", "w_bits": 4, "a_bits": 4, "weights": "gptq"})
     assert choice.scheme == "w4a4" and cfg.group_size == -1 and cfg.kv_bits == 16 and cfg.w_symmetric
+    assert cfg.w_clip and build_config(base, "w4a4kv4", none)[0].w_clip   # W4A4 presets: MSE clip search on
     cfg, choice = build_config(base, "w4a4kv4", none)
     assert (cfg.a_bits, cfg.kv_bits, cfg.group_size) == (4, 4, -1)
     # the serving presets carry what their compressed-tensors format requires

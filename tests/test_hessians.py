@@ -21,7 +21,7 @@ from streamquant.spec import read_spec
 from test_writer import run_args, tree
 
 PLAIN_W4A16 = ["--method", "none", "--w-bits", "4", "--a-bits", "16", "--weights", "gptq", "--group-size", "16",
-               "--no-act-order", "--seed", "5"]
+               "--no-act-order", "--no-w-clip", "--seed", "5"]
 
 
 def reference_weights(model_dir, calib: str, samples: int, seqlen: int, seed: int) -> dict[str, torch.Tensor]:

@@ -70,9 +70,11 @@ def test_bench_runs_the_pipeline_on_70b_shaped_blocks(tmp_path):
     prediction is within 15 % of the measured peak RSS, and the 80-block extrapolation stays under 16 GiB."""
     work = tmp_path / "bench"
     res = run_cli("bench", "--scale", "64", "--blocks", "2", "--samples", "4", "--seqlen", "64", "--device", "cpu",
-                  "--r1-reservoir", "1MiB", "--workdir", str(work), "--json", timeout=900)
+                  "--r1-reservoir", "1MiB", "--w-clip", "--workdir", str(work), "--json", timeout=900)
     assert res.returncode == 0, res.stderr
     out = last_json(res.stdout)
+    assert out["w_clip"] is True and out["hessians"] == "sequential"
+    assert json.loads((work / "out" / "report.json").read_text())["w_clip"] is True   # the run did what was asked
     assert out["shape"]["hidden_size"] == 8192 // 64 and out["shape"]["intermediate_size"] == 28672 // 64
     assert [b["block"] for b in out["per_block"]] == [0, 1]
     for block in out["per_block"]:

@@ -23,15 +23,18 @@ REFERENCE_COMMIT = "8bd4aa7"   # GPTQ scan gathers errors per column (issue 11);
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--samples", "4", "--seqlen", "48", "--r1-epochs", "2", "--r2-epochs", "1", "--r1-reservoir", "1MiB", "--seed", "3"]
 SCHEMES = {   # name: (tiny model, options)
-    "dart-w4a4-gptq": ("llama", ["--method", "dart", "--w-bits", "4", "--a-bits", "4", "--weights", "gptq"]),
+    # --no-w-clip since the w4a4 preset turned the MSE clip search on: the command names what it did before
+    "dart-w4a4-gptq": ("llama", ["--method", "dart", "--w-bits", "4", "--a-bits", "4", "--weights", "gptq",
+                                 "--no-w-clip"]),
     "dart-w4a16-gptq-g32": ("llama", ["--method", "dart", "--w-bits", "4", "--a-bits", "16", "--weights", "gptq",
                                       "--group-size", "32"]),
     # data-free since issue 11 (no calibration pass at all): the same bytes as when it ran them
     "quarot-w4a4kv4-rtn": ("llama", ["--method", "quarot", "--w-bits", "4", "--a-bits", "4", "--kv-bits", "4",
-                                     "--weights", "rtn"]),
+                                     "--weights", "rtn", "--no-w-clip"]),
     # sequential GPTQ of MoE experts: one pass fills a stage's expert Hessians (issue 11); d6c498f wrote the same
     # bytes as 2c5687d's pass per expert
-    "dart-w4a4-gptq-mixtral": ("mixtral", ["--method", "dart", "--w-bits", "4", "--a-bits", "4", "--weights", "gptq"]),
+    "dart-w4a4-gptq-mixtral": ("mixtral", ["--method", "dart", "--w-bits", "4", "--a-bits", "4", "--weights", "gptq",
+                                           "--no-w-clip"]),
 }
 
 
