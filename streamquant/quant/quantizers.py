@@ -217,9 +217,11 @@ def weight_qparams(
 # maxshrink 0.8, end point included). Written as ``1 - i / 100`` so a reference can rebuild the same floats.
 MSE_CLIP_SHRINKS: tuple[float, ...] = tuple(1 - i / 100 for i in range(81))
 MSE_CLIP_NORM = 2.4  # the error norm of QuaRot / the GPTQ reference's ``mse`` option
-# Elements of one chunk of the search's [candidates, rows, groups, g] temporaries: 4 MiB in fp32, small enough to
-# stay in cache (the search is elementwise work, ~70 % of it the |·|^2.4), whatever the weight's size.
+# Elements of one chunk of the search's [candidates, rows, groups, g] temporaries: on a CPU 4 MiB in fp32, small
+# enough to stay in cache (the search is elementwise work, ~70 % of it the |·|^2.4); on a GPU 64 MiB, so a 70B
+# weight takes hundreds of chunks, not thousands of kernel-launch-bound ones. Bounded whatever the weight's size.
 _MSE_CHUNK_ELEMENTS = 1 << 20
+_MSE_CHUNK_ELEMENTS_GPU = 1 << 24
 
 
 def mse_clip_qparams(groups: Tensor, cfg: WeightQuantConfig, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -238,7 +240,8 @@ def mse_clip_qparams(groups: Tensor, cfg: WeightQuantConfig, scale_dtype: torch.
     work = torch.promote_types(groups.dtype, torch.float32)
     shrinks = torch.tensor(MSE_CLIP_SHRINKS, dtype=work, device=groups.device).view(-1, 1, 1)
     out_features = groups.shape[0]
-    chunk = max(1, _MSE_CHUNK_ELEMENTS // max(1, groups[0].numel() * shrinks.shape[0]))
+    budget = _MSE_CHUNK_ELEMENTS if groups.device.type == "cpu" else _MSE_CHUNK_ELEMENTS_GPU
+    chunk = max(1, budget // max(1, groups[0].numel() * shrinks.shape[0]))
     scales, zeros = [], []
     for r0 in range(0, out_features, chunk):
         x = groups[r0 : r0 + chunk].to(work)
