@@ -57,9 +57,9 @@ def test_presets_fill_only_what_was_not_given(tiny_models):
     # the reference-output test's explicit flags give the preset's config: no group, KV16
     cfg, choice = build_config(base, None, {**none, "method": "dart", "w_bits": 4, "a_bits": 4, "weights": "gptq"})
     assert choice.scheme == "w4a4" and cfg.group_size == -1 and cfg.kv_bits == 16 and cfg.w_symmetric
-    assert cfg.w_clip and build_config(base, "w4a4kv4", none)[0].w_clip   # W4A4 presets: MSE clip search on
+    assert cfg.w_clip   # W4A4 presets: MSE clip search on
     cfg, choice = build_config(base, "w4a4kv4", none)
-    assert (cfg.a_bits, cfg.kv_bits, cfg.group_size) == (4, 4, -1)
+    assert (cfg.a_bits, cfg.kv_bits, cfg.group_size, cfg.w_clip) == (4, 4, -1, True)
     # the serving presets carry what their compressed-tensors format requires
     cfg, _ = build_config(base, "w4a16-r4", none)
     assert (cfg.w_bits, cfg.a_bits, cfg.group_size, cfg.r4_online) == (4, 16, 32, True)

@@ -111,7 +111,7 @@ class GPTQ:
     @property
     def H(self) -> Tensor | None:
         """The Hessian ``2/N Σ x xᵀ`` of the inputs so far (a new tensor), or None after ``free_hessian``."""
-        return None if self.S is None else _mirror_upper_(self.S.clone()) * (2.0 / max(self.n_samples, 1))
+        return None if self.S is None else _mirror_upper_(self.S.clone()).mul_(2.0 / max(self.n_samples, 1))
 
     @torch.no_grad()
     def add_batch(self, x: Tensor) -> None:
