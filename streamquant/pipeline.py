@@ -269,8 +269,7 @@ class Pipeline:
                 unquantized = self.rotated_weights(self.index.load_block(i), r1, saved_r2)
                 self.engine.run_block(build_rotated_layer(self.engine, i, unquantized, self.runtime), hidden)
                 del unquantized
-                hidden = None
-            for states in (hidden, eval_hidden):
+            for states in (None if self.one_pass else hidden, eval_hidden):
                 if states is not None:
                     self.engine.run_block(layer, states)
             del layer

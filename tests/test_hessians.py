@@ -88,7 +88,9 @@ def test_one_pass_quantizes_against_the_unquantized_models_inputs(tiny_models, t
 
 
 def test_one_pass_resume_after_sigkill_is_byte_identical(tiny_models, tmp_path):
-    """The resumed run's calibration states replay through the *unquantized* blocks (rotated with the saved R2)."""
+    """The resumed run's calibration states replay through the *unquantized* blocks (rotated with the saved R2).
+    Killed after block 2 of 4, so the replay carries them through two blocks (a kill after block 1 replays one, and
+    missed that the replay dropped them after its first block)."""
     model = tiny_models["llama"]
     extra = ["--method", "dart", "--w-bits", "4", "--a-bits", "16", "--weights", "gptq", "--group-size", "16",
              "--hessians", "one-pass"]
@@ -96,7 +98,7 @@ def test_one_pass_resume_after_sigkill_is_byte_identical(tiny_models, tmp_path):
     assert run_cli(*run_args(model, whole, *extra)).returncode == 0
     out = tmp_path / "out"
     args = run_args(model, out, *extra)
-    env = dict(os.environ, STREAMQUANT_CRASH_AT="after:block-00001.safetensors")
+    env = dict(os.environ, STREAMQUANT_CRASH_AT="after:block-00002.safetensors")
     killed = subprocess.run([str(Path(sys.executable).with_name("streamquant")), *args], env=env,
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
