@@ -35,7 +35,7 @@ from streamquant.qblock import QLinear, Runtime, qlinears
 from streamquant.quant.gptq import GPTQ
 from streamquant.quantized import Codes, QuantizedBlock
 from streamquant.rotate.dart import train_r1, train_r2
-from streamquant.rotate.fuse import fuse_embedding, fuse_head
+from streamquant.rotate.fuse import fuse_embedding, fuse_head, r2_gram
 from streamquant.rotate.model import build_rotated_layer, quantize_layer_rtn, rotate_block
 from streamquant.shards import BlockPrefetcher
 from streamquant.stream import Engine
@@ -260,13 +260,19 @@ class Pipeline:
     def replay(self, done: int, r1: torch.Tensor | None, hidden: torch.Tensor | None,
                eval_hidden: torch.Tensor | None) -> None:
         """Resume: the finished blocks run again from their *quantized* weights on disk; under one-pass GPTQ the
-        calibration states run through the unquantized block instead, rotated again with the saved R2, as they did."""
+        calibration states run through the unquantized block instead, rotated again with the saved R2 (or without R2,
+        where the R2 probe was the pass: `folds_r2`), as they did."""
         for i in range(done):
             weights = self.dist.from_rank0(self.sink.block_weights(i) if self.sink is not None else None)
             layer = build_rotated_layer(self.engine, i, weights, self.runtime)
             if self.one_pass and hidden is not None:
-                saved_r2 = self.dist.same(self.sink.block_r2(i) if self.sink is not None else None)
-                unquantized = self.rotated_weights(self.index.load_block(i), r1, saved_r2)
+                original = self.index.load_block(i)
+                if self.folds_r2:   # the pass ran the R2 probe
+                    unquantized = self.probe_weights(original, r1)
+                else:
+                    saved_r2 = self.dist.same(self.sink.block_r2(i) if self.sink is not None else None)
+                    unquantized = self.rotated_weights(original, r1, saved_r2)
+                del original
                 self.engine.run_block(build_rotated_layer(self.engine, i, unquantized, self.runtime), hidden)
                 del unquantized
             for states in (None if self.one_pass else hidden, eval_hidden):
@@ -292,8 +298,8 @@ class Pipeline:
                 with stats.stage("quantize"):
                     layer = build_rotated_layer(engine, i, weights, self.runtime)
                     del weights
-                    if self.one_pass:   # every Hessian from one pass of the unquantized block, which feeds the next
-                        early |= self.one_pass_hessians(layer, hidden, early, last)
+                    if self.one_pass and not self.folds_r2:   # every Hessian from one pass of the unquantized block,
+                        early |= self.one_pass_hessians(layer, hidden, early, last)   # which feeds the next
                     codes, losses = self.quantize_block(layer, hidden, early)
                 with stats.stage("forward"):
                     # the calibration states feed the next block's Hessians: after the last block nothing reads them,
@@ -314,21 +320,31 @@ class Pipeline:
     def rotate(self, i: int, original: dict[str, torch.Tensor], r1: torch.Tensor | None, hidden: torch.Tensor | None
                ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, dict[int, GPTQ]]:
         """All rotations fused with one rounding. A learned R2 comes first, from a probe with R1 (and R4) in place;
-        that pass also collects the Hessians of the GPTQ groups whose inputs R2 cannot change."""
-        r2, early, r4_seed, device = None, {}, self.runtime.r4_seed, self.engine.device
-        if self.cfg.method == "dart":
+        that pass also collects the Hessians of the GPTQ groups whose inputs R2 cannot change (all of them, and it
+        moves the calibration states on, when R2 is folded into the one-pass pass: see `folds_r2`)."""
+        if self.cfg.method != "dart":
+            r2 = None
+            if self.cfg.method == "quarot":
+                seed = self.cfg.seed + 1000 * (i + 1)
+                r2 = torch.stack([random_hadamard_matrix(self.spec.head_dim, seed + g)
+                                  for g in range(self.spec.num_kv_heads)])
             with self.stats.stage("rotate"):
-                probe = build_rotated_layer(self.engine, i, rotate_block(original, self.spec, r1, None, r4_seed, device),
-                                            self.runtime)
-            with self.stats.stage("r2"):
-                r2, early = self.calibrate_r2(i, probe, hidden)
-                del probe
-        elif self.cfg.method == "quarot":
-            seed = self.cfg.seed + 1000 * (i + 1)
-            r2 = torch.stack([random_hadamard_matrix(self.spec.head_dim, seed + g) for g in range(self.spec.num_kv_heads)])
+                return self.rotated_weights(original, r1, r2), r2, {}
         with self.stats.stage("rotate"):
-            weights = self.rotated_weights(original, r1, r2)
+            probe_weights = self.probe_weights(original, r1)
+            probe = build_rotated_layer(self.engine, i, probe_weights, self.runtime)
+        r2, early = self.calibrate_r2(i, probe, hidden)
+        del probe
+        with self.stats.stage("rotate"):   # R2 turns only the linears it sits on; the others are the probe's
+            arch = self.arch
+            turned = tuple(name for name in arch.linear_names if name in (arch.r2_value, arch.r2_output))
+            weights = probe_weights | rotate_block(original, self.spec, r1, r2, self.runtime.r4_seed,
+                                                   self.engine.device, linears=turned)
         return weights, r2, early
+
+    def probe_weights(self, original: dict[str, torch.Tensor], r1: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The block R2 is learned on: σ, R1 and R4 fused, no R2 yet."""
+        return rotate_block(original, self.spec, r1, None, self.runtime.r4_seed, self.engine.device)
 
     def rotated_weights(self, original: dict[str, torch.Tensor], r1: torch.Tensor | None,
                         r2: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -340,40 +356,60 @@ class Pipeline:
         return rotate_block(original, self.spec, r1, r2, self.runtime.r4_seed, self.engine.device)
 
     def calibrate_r2(self, i: int, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, dict[int, GPTQ]]:
-        """R2 per KV head from this block's o_proj inputs: one pass, stopped at o_proj. With GPTQ, the same pass feeds
-        the Hessians of the groups that read the block input (q/k/v: R2 only acts on v's output)."""
-        spec, cfg, arch = self.spec, self.cfg, self.arch
+        """R2 per KV head from this block's o_proj inputs. The pass that samples them stops at o_proj and, with GPTQ,
+        feeds the Hessians of the groups that read the block input (q/k/v: R2 only acts on v's output); folded into
+        the one-pass pass (`folds_r2`) it runs the whole block instead, fills every Hessian and moves the calibration
+        states on, and o_proj's Hessian then takes R2 (`r2_gram`)."""
+        spec, cfg, arch, fold = self.spec, self.cfg, self.arch, self.folds_r2
         seed = cfg.seed + 1000 * (i + 1)
-        windows = self.dist.shard(cfg.samples)   # this rank's windows of the calibration set (all, alone)
-        rows = _token_subset(cfg.samples * hidden.shape[1], cfg.r2_tokens, self.generator(2, i))
-        samples = torch.zeros(rows.numel(), spec.num_heads * spec.head_dim, dtype=torch.float32)
-        local, part = self.dist.local_rows(rows, windows.start * hidden.shape[1], windows.stop * hidden.shape[1])
-        hooks = Hooks()
-        hooks.sample(layer.get_submodule(arch.r2_output), local, samples[part])
-        names = arch.linear_names   # the groups whose first linear runs no later than v_proj
-        early = self.hessians(layer, hooks, [g for g, grp in enumerate(arch.gptq_order)
-                                             if names.index(grp[0]) <= names.index(arch.r2_value)]
-                              ) if cfg.weights == "gptq" and cfg.weight_cfg else {}
-        self.pass_until(layer, hidden, arch.r2_output)
-        hooks.remove()
-        results = train_r2(self.dist.sum_(samples), spec.num_kv_heads, spec.head_dim, spec.heads_per_group,
-                           replace(cfg.r2_train, seed=seed), seed, device=self.device)
-        self.stats.r2.append({"layer": i, "init_loss": sum(r.init_loss for r in results),
-                              "final_loss": sum(r.final_loss for r in results)})
-        return self.dist.same(torch.stack([r.rotation for r in results])), early
+        with self.stats.stage("quantize" if fold else "r2"):   # the folded pass is the one-pass Hessian pass
+            windows = self.dist.shard(cfg.samples)   # this rank's windows of the calibration set (all, alone)
+            rows = _token_subset(cfg.samples * hidden.shape[1], cfg.r2_tokens, self.generator(2, i))
+            samples = torch.zeros(rows.numel(), spec.num_heads * spec.head_dim, dtype=torch.float32)
+            local, part = self.dist.local_rows(rows, windows.start * hidden.shape[1], windows.stop * hidden.shape[1])
+            hooks = Hooks()
+            hooks.sample(layer.get_submodule(arch.r2_output), local, samples[part])
+            if fold:
+                early = self.one_pass_hessians(layer, hidden, {}, i + 1 == spec.num_layers, hooks)
+            else:
+                names = arch.linear_names   # the groups whose first linear runs no later than v_proj
+                early = self.hessians(layer, hooks, [g for g, grp in enumerate(arch.gptq_order)
+                                                     if names.index(grp[0]) <= names.index(arch.r2_value)]
+                                      ) if cfg.weights == "gptq" and cfg.weight_cfg else {}
+                self.pass_until(layer, hidden, arch.r2_output)
+            hooks.remove()
+        with self.stats.stage("r2"):
+            results = train_r2(self.dist.sum_(samples), spec.num_kv_heads, spec.head_dim, spec.heads_per_group,
+                               replace(cfg.r2_train, seed=seed), seed, device=self.device)
+            self.stats.r2.append({"layer": i, "init_loss": sum(r.init_loss for r in results),
+                                  "final_loss": sum(r.final_loss for r in results)})
+            r2 = self.dist.same(torch.stack([r.rotation for r in results]))
+            if fold:
+                o_proj = next(g for g, group in enumerate(arch.gptq_order) if arch.r2_output in group)
+                early[o_proj].rotate_inputs(partial(r2_gram, r2=r2, spec=spec))
+        return r2, early
+
+    @property
+    def folds_r2(self) -> bool:
+        """dart with one-pass GPTQ and nothing quantized online (no activation or KV quantizer): R2 then changes
+        o_proj's inputs (x -> x R2 per head) and nothing after o_proj's output, so one pass of the block without R2
+        samples R2's rows, fills every Hessian (o_proj's turned by R2 afterwards: Bᵀ S B) and moves the states on.
+        The separate R2 probe pass is saved (~0.16 block forwards)."""
+        act_free = self.runtime.act.bits >= 16 and self.runtime.kv_bits >= 16
+        return self.cfg.method == "dart" and self.one_pass and act_free
 
     @property
     def one_pass(self) -> bool:
         """GPTQ Hessians from the unquantized model (--hessians one-pass): one forward per block instead of ~2.2."""
         return self.cfg.hessians == "one-pass" and self.cfg.weights == "gptq" and self.cfg.weight_cfg is not None
 
-    def one_pass_hessians(self, layer: nn.Module, hidden: torch.Tensor, early: dict[int, GPTQ], last: bool
-                          ) -> dict[int, GPTQ]:
+    def one_pass_hessians(self, layer: nn.Module, hidden: torch.Tensor, early: dict[int, GPTQ], last: bool,
+                          hooks: Hooks | None = None) -> dict[int, GPTQ]:
         """The Hessians of every GPTQ group not in `early` from one pass of the block while its weights are still
-        unquantized; the pass moves `hidden` on to the next block's inputs (the last block's stops at its last
-        group's input). The next block is then calibrated on the unquantized model's states, as if every block
-        before it were exact."""
-        hooks = Hooks()
+        unquantized (beside whatever else `hooks` samples); the pass moves `hidden` on to the next block's inputs
+        (the last block's stops at its last group's input). The next block is then calibrated on the unquantized
+        model's states, as if every block before it were exact."""
+        hooks = Hooks() if hooks is None else hooks
         groups = self.hessians(layer, hooks, [g for g in range(len(self.arch.gptq_order)) if g not in early])
         if last:   # (experts run in a loop where any may see no token: no early stop)
             self.pass_until(layer, hidden, None if self.arch.routed else self.arch.gptq_order[-1][0])

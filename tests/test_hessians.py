@@ -7,17 +7,25 @@ import os
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import WIKITEXT, run_cli
 from streamquant.data import calibration_windows, load_tokenizer, read_text, tokenize_in_pieces
+from streamquant.qblock import QLinear, Runtime
 from streamquant.quant.gptq import GPTQ
 from streamquant.quant.quantizers import WeightQuantConfig
 from streamquant.reader import read_block
+from streamquant.rotate.fuse import r2_gram
+from streamquant.rotate.model import build_rotated_layer, rotate_block
+from streamquant.shards import ShardIndex
 from streamquant.manifest import read_manifest
 from streamquant.spec import read_spec
+from streamquant.stream import Engine
+from test_invariance import random_orthogonal
 from test_writer import run_args, tree
 
 PLAIN_W4A16 = ["--method", "none", "--w-bits", "4", "--a-bits", "16", "--weights", "gptq", "--group-size", "16",
@@ -88,9 +96,9 @@ def test_one_pass_quantizes_against_the_unquantized_models_inputs(tiny_models, t
 
 
 def test_one_pass_resume_after_sigkill_is_byte_identical(tiny_models, tmp_path):
-    """The resumed run's calibration states replay through the *unquantized* blocks (rotated with the saved R2).
-    Killed after block 2 of 4, so the replay carries them through two blocks (a kill after block 1 replays one, and
-    missed that the replay dropped them after its first block)."""
+    """The resumed run's calibration states replay through the *unquantized* blocks (dart's R2 probe, since R2 is
+    learned in the one-pass pass). Killed after block 2 of 4, so the replay carries them through two blocks (a kill
+    after block 1 replays one, and missed that the replay dropped them after its first block)."""
     model = tiny_models["llama"]
     extra = ["--method", "dart", "--w-bits", "4", "--a-bits", "16", "--weights", "gptq", "--group-size", "16",
              "--hessians", "one-pass"]
@@ -105,3 +113,47 @@ def test_one_pass_resume_after_sigkill_is_byte_identical(tiny_models, tmp_path):
     resumed = run_cli(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert tree(out) == tree(whole)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])   # GQA; a fused qkv whose value rows follow q's and k's
+def test_r2_folded_into_the_pass_gives_the_hessians_of_a_pass_with_r2(tiny_models, arch):
+    """dart with one-pass GPTQ learns R2 from the pass that fills every Hessian (no probe pass of its own): turned by
+    r2_gram, o_proj's Hessian of the block without R2 equals a dense fp64 2/N XᵀX of what o_proj reads once R2 is
+    fused, and every other group's Hessian is the one a block with R2 gives."""
+    model_dir = tiny_models[arch]
+    spec = read_spec(model_dir)
+    weights = ShardIndex(model_dir, spec).load_block(1)
+    gen = torch.Generator().manual_seed(0)
+    r1 = random_orthogonal(spec.hidden_size, gen)
+    r2 = torch.stack([random_orthogonal(spec.head_dim, gen) for _ in range(spec.num_kv_heads)])
+    engine = Engine(spec, torch.device("cpu"), torch.float32, micro_batch=2)
+    hidden = torch.randn(3, 40, spec.hidden_size, generator=gen)
+    order = spec.arch.gptq_order
+
+    def hessians(r2_fused):
+        layer = build_rotated_layer(engine, 1, rotate_block(weights, spec, r1, r2_fused, 4), Runtime(r4_seed=4))
+        gptqs, dense, handles = {}, {}, []
+        for g, group in enumerate(order):
+            first = layer.get_submodule(group[0])
+            gptqs[g] = GPTQ(first.in_features)
+
+            def hook(mod, args, g=g):
+                x = QLinear.quantized_input(mod, args[0])
+                gptqs[g].add_batch(x)
+                x = x.reshape(-1, x.shape[-1]).double()
+                dense[g] = dense.get(g, 0) + x.T @ x
+            handles.append(first.register_forward_pre_hook(hook))
+        engine.run_until(layer, hidden)
+        for h in handles:
+            h.remove()
+        return gptqs, {g: 2 * s / (hidden.shape[0] * hidden.shape[1]) for g, s in dense.items()}
+
+    folded, _ = hessians(None)
+    _, reference = hessians(r2)
+    o_proj = next(g for g, group in enumerate(order) if spec.arch.r2_output in group)
+    unturned = folded[o_proj].H.double()
+    folded[o_proj].rotate_inputs(partial(r2_gram, r2=r2, spec=spec))
+    for g, ref in reference.items():
+        assert (folded[g].H.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), order[g]
+    # R2 does move o_proj's inputs: a fold that forgot to turn its Hessian would fail above
+    assert (unturned - reference[o_proj]).abs().max() > 1e-2 * reference[o_proj].abs().max()

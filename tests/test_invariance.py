@@ -164,3 +164,21 @@ def test_fused_qkv_r2_rotates_only_the_value_rows(tiny_models):
     r2_q = torch.block_diag(*[r2[h // spec.heads_per_group] for h in range(spec.num_heads)])
     o_ref = r1.T @ w["self_attn.o_proj.weight"] @ r2_q
     assert (fused["self_attn.o_proj.weight"] - o_ref).abs().max() <= 1e-12 * o_ref.abs().max()
+
+
+def test_rotating_some_linears_gives_exactly_their_part_of_the_whole_block(tiny_models):
+    """dart fuses R2 by rewriting only the linears R2 sits on and keeping the probe's others: each rewritten linear
+    must be bit for bit the one a whole-block rewrite gives, and no other linear may come back."""
+    from streamquant.rotate.model import rotate_block
+
+    model_dir = tiny_models["llama"]
+    spec = read_spec(model_dir)
+    w = ShardIndex(model_dir, spec).load_block(1)
+    gen = torch.Generator().manual_seed(1)
+    r1 = random_orthogonal(spec.hidden_size, gen)
+    r2 = torch.stack([random_orthogonal(spec.head_dim, gen) for _ in range(spec.num_kv_heads)])
+    whole = rotate_block(w, spec, r1, r2, r4_seed=4)
+    some = rotate_block(w, spec, r1, r2, r4_seed=4, linears=("self_attn.v_proj", "self_attn.o_proj"))
+    rewritten = {k for k in some if k.startswith(spec.arch.linear_names)}
+    assert rewritten == {k for k in whole if k.startswith(("self_attn.v_proj.", "self_attn.o_proj."))}
+    assert all(torch.equal(some[k], whole[k]) for k in some)

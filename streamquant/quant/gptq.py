@@ -30,7 +30,7 @@ deliberate choices:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -127,6 +127,14 @@ class GPTQ:
         xt = x.t()
         for i in range(0, self.in_features, _GRAM_BLOCK):   # S's upper block rows: [i:i+b, i:] += x[:, i:i+b]ᵀ x[:, i:]
             self.S[i : i + _GRAM_BLOCK, i:].addmm_(xt[i : i + _GRAM_BLOCK], x[:, i:])
+
+    @torch.no_grad()
+    def rotate_inputs(self, rotate_gram: Callable[[Tensor], Tensor]) -> None:
+        """Make the statistics so far those of inputs ``x @ R`` for a rotation ``R`` chosen after they were gathered
+        (dart's R2, learned from the same pass): ``rotate_gram`` maps the symmetric ``Σ x xᵀ`` to ``Rᵀ (Σ x xᵀ) R``."""
+        if self.S is None:
+            raise ValueError("GPTQ.rotate_inputs called after free_hessian=True released the Hessian")
+        self.S = rotate_gram(_mirror_upper_(self.S)).to(device=self.device, dtype=torch.float32)
 
     @torch.no_grad()
     def quantize(

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from streamquant.arch import ArchMap
+from streamquant.device import rotation_dtype
 from streamquant.spec import ModelSpec
 
 Weights = dict[str, torch.Tensor]
@@ -76,6 +77,15 @@ def fuse_r2(weights: Weights, r2: torch.Tensor, spec: ModelSpec) -> Weights:
         o = o.view(out, kv, group, hd)                                       # input column blocks per query head
         w[f"{output}.weight"] = torch.einsum("okhj,kji->okhi", o, r2).reshape(out, -1)  # O_h <- O_h R2[g(h)]
     return w
+
+
+def r2_gram(gram: torch.Tensor, r2: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """Σ x xᵀ of o_proj's inputs x, turned into that of the inputs once R2 is fused (x B, B = R2[g(h)] per query
+    head h): Bᵀ S B, as two applications of fuse_r2's o_proj column rotation (S B, then (S B)ᵀ B = Bᵀ S B for a
+    symmetric S), computed in the device's rotation precision and returned in gram's dtype."""
+    key = f"{spec.arch.r2_output}.weight"
+    half = fuse_r2({key: gram.to(rotation_dtype(gram.device))}, r2.to(gram.device), spec)[key]
+    return fuse_r2({key: half.T.contiguous()}, r2, spec)[key].to(gram.dtype)
 
 
 def _value_rows(t: torch.Tensor, start: int, count: int) -> torch.Tensor:

@@ -29,9 +29,10 @@ class Rotations:
 
 def rotate_block(weights: dict[str, torch.Tensor], spec: ModelSpec, r1: torch.Tensor | None,
                  r2: torch.Tensor | None, r4_seed: int | None, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                 dtype: torch.dtype | None = None, linears: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
     """Exact (function-preserving) rewrite of one block's weights, one Linear at a time and cast back once, so the
-    working set is one matrix (1.9 GB in fp64 for a 70B down_proj), not the block (6.9 GB).
+    working set is one matrix (1.9 GB in fp64 for a 70B down_proj), not the block (6.9 GB). `linears` limits the
+    rewrite to those (the norms and pass-through tensors come along).
 
     The result lands on `device` (default: the CPU) in the stored dtypes, computed in `dtype` (default: the
     policy's rotation_dtype for that device); on CUDA each Linear's copy overlaps the previous one's fusion."""
@@ -44,7 +45,8 @@ def rotate_block(weights: dict[str, torch.Tensor], spec: ModelSpec, r1: torch.Te
     r1 = None if r1 is None else r1.to(device=device, dtype=dtype)
     r2 = None if r2 is None else r2.to(device=device, dtype=dtype)
     r4 = OnlineHadamard(spec.dims()[arch.linear(arch.r4).inp], r4_seed) if r4_seed is not None else None
-    parts = ({k: v for k, v in weights.items() if k.startswith(linear + ".")} for linear in arch.linear_names)
+    parts = ({k: v for k, v in weights.items() if k.startswith(linear + ".")} for linear in arch.linear_names
+             if linears is None or linear in linears)
     with full_fp32_matmuls():
         for part in to_device_ahead(parts, device):
             w = fuse_norms({k: v.to(dtype) for k, v in part.items()} | {f"{n}.weight": t for n, t in norms.items()},
