@@ -19,7 +19,9 @@ import pytest
 
 from conftest import WIKITEXT
 
-REFERENCE_COMMIT = "8bd4aa7"   # GPTQ scan gathers errors per column (issue 11); 2c5687d, 34c2f03, 0dbf21c before
+# daed4b7: dart one-pass W4A16 learns R2 in the one-pass pass (o_proj's Hessian turned by R2, other rounding);
+# 8bd4aa7 (GPTQ scan gathers errors per column, issue 11), 2c5687d, 34c2f03, 0dbf21c before
+REFERENCE_COMMIT = "daed4b7"
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--samples", "4", "--seqlen", "48", "--r1-epochs", "2", "--r2-epochs", "1", "--r1-reservoir", "1MiB", "--seed", "3"]
 SCHEMES = {   # name: (tiny model, options)
