@@ -84,12 +84,12 @@ def reservoir_rows(samples: int, seqlen: int, hidden: int, layers: int, sides: i
     return min(samples * seqlen, max(1, budget_bytes // (4 * hidden) // (sides * layers)))
 
 
-CAPTURE_OVERSAMPLE, CAPTURE_MIN_WINDOWS = 4, 8
+CAPTURE_OVERSAMPLE, CAPTURE_MIN_WINDOWS = 2, 8
 
 
 def capture_windows(samples: int, seqlen: int, per_side: int) -> int:
     """Calibration windows the capture pass runs: enough that each (layer, side) draws its reservoir rows from at
-    least 4× as many tokens (and from 8 windows or more), since capture exists only to fill the reservoir. At
+    least 2× as many tokens (and from 8 windows or more), since capture exists only to fill the reservoir. At
     Llama-2-70B shape with 128 × 2048 samples and a 256 MiB reservoir that is 8 windows, not 128."""
     needed = max(CAPTURE_MIN_WINDOWS, -(-CAPTURE_OVERSAMPLE * per_side // seqlen))
     return min(samples, needed)

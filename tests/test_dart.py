@@ -187,6 +187,22 @@ def test_train_rotation_adam_and_max_steps():
         train_rotation(x, init[:32, :32], FAST)
 
 
+def test_fixed_step_count_with_scaled_lr_is_the_plain_config_it_names():
+    """batches_per_epoch with scale_lr (R2's regime) takes ceil(rows per epoch / batches) rows a step at
+    lr · batch / batch_size: bit for bit the run of that batch and lr written out; rows too few for the fixed count
+    take steps of batch_size at the base lr, exactly the plain config's run."""
+    x = llm_like(4096, 32, seed=4)
+    init = qr_orth(torch.randn(32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    fixed = RotationTrainConfig(epochs=2, batch_size=64, lr=1e-3, sample_fraction=0.5, batches_per_epoch=8,
+                                scale_lr=True, seed=2)
+    plain = replace(fixed, batch_size=256, lr=4e-3, batches_per_epoch=None, scale_lr=False)   # 2048 rows / 8
+    a, b = train_rotation(x, init, fixed), train_rotation(x, init, plain)
+    assert a.steps == b.steps == 16 and torch.equal(a.rotation, b.rotation)
+    few = train_rotation(x[:600], init, fixed)           # 300 rows an epoch: 38 a step would be below 64
+    base = train_rotation(x[:600], init, replace(fixed, batches_per_epoch=None, scale_lr=False))
+    assert few.steps == base.steps == 10 and torch.equal(few.rotation, base.rotation)
+
+
 def test_train_r2_groups():
     from streamquant.kernels.hadamard import random_hadamard_matrix
 

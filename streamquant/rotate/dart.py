@@ -133,12 +133,18 @@ class RotationTrainConfig:
     seed: int = 0
     max_steps: int | None = None
     batches_per_epoch: int | None = None   # when set, batch_size = ceil(rows per epoch / this): a fixed step count
+    # with batches_per_epoch: lr is the step for batch_size rows and grows with the batch actually taken (the linear
+    # scaling rule), so fewer, larger steps travel about as far over the same epochs as many small ones; the batch
+    # is then never below batch_size (rows too few for the fixed count take fewer steps of batch_size, as without it)
+    scale_lr: bool = False
+    eval_rows: int = 65536   # init/final loss over at most this many evenly strided rows per fit (they are reported)
 
 
 @dataclass
 class RotationTrainResult:
     """Outcome of one fit. ``init_loss``/``final_loss`` are the whip loss of the same evaluation rows (all rows, or
-    an evenly strided subset of at most ``EVAL_ROWS``) under the init and the final rotation, so they compare."""
+    an evenly strided subset of at most ``eval_rows`` of the config) under the init and the final rotation, so they
+    compare."""
 
     rotation: Tensor  # float64, orthonormal, on CPU
     loss_history: list[float] = field(default_factory=list)  # mean training whip loss per epoch
@@ -153,17 +159,21 @@ class RotationTrainResult:
 # protocol (benchmarks/RESULTS.md) the large steps measured W4A4 GPTQ 43.91 PPL against 46.05 (QuaRot 48.97), W4A4
 # RTN 144.5 (QuaRot 219.8), and W4A16 GPTQ within noise of the small steps (29.97 against 29.62, asymmetric).
 R1_CONFIG = RotationTrainConfig(epochs=10, batch_size=64, batches_per_epoch=10)
-R2_CONFIG = RotationTrainConfig(epochs=5, batch_size=128)
+# R2 likewise takes a fixed 8 steps per epoch, its lr 1e-3 scaled with the batch, so the same epochs travel about as
+# far: SmolLM2 at 16 × 512 (8,192 token rows, 24,576 head rows per KV head) takes 40 steps of ~308 rows at lr 2.4e-3
+# instead of 100 of 128 at 1e-3; on its o_proj inputs (every third layer) the whip loss falls to 0.986 of the
+# Hadamard init's against 0.985, in 0.065 s per layer instead of 0.117 (benchmarks/r2_steps.py, RESULTS.md "R2 in
+# fewer steps"). A calibration set too small for 8 batches of 128 rows takes fewer steps of 128, as before.
+R2_CONFIG = RotationTrainConfig(epochs=5, batch_size=128, batches_per_epoch=8, scale_lr=True, eval_rows=8192)
 
-EVAL_ROWS = 65536
 _EVAL_CHUNK = 8192
 
 
 @torch.no_grad()
-def _eval_whip(samples: Tensor, rotation: Tensor, device: torch.device) -> float:
-    """Whip loss of ``samples @ rotation`` over at most EVAL_ROWS evenly strided rows, computed in fp32 chunks."""
+def _eval_whip(samples: Tensor, rotation: Tensor, device: torch.device, max_rows: int) -> float:
+    """Whip loss of ``samples @ rotation`` over at most max_rows evenly strided rows, computed in fp32 chunks."""
     n_rows = samples.shape[0]
-    idx = torch.arange(n_rows) if n_rows <= EVAL_ROWS else torch.linspace(0, n_rows - 1, EVAL_ROWS).long()
+    idx = torch.arange(n_rows) if n_rows <= max_rows else torch.linspace(0, n_rows - 1, max_rows).long()
     r = rotation.to(device=device, dtype=torch.float32)
     total = 0.0
     for start in range(0, idx.numel(), _EVAL_CHUNK):
@@ -221,9 +231,13 @@ def train_rotations(
     fits, n_rows = samples.shape[0], samples.shape[1]
     per_epoch = min(n_rows, max(cfg.batch_size, round(n_rows * cfg.sample_fraction)))
     if cfg.batches_per_epoch:
-        cfg = replace(cfg, batch_size=max(1, -(-per_epoch // cfg.batches_per_epoch)))
+        batch = -(-per_epoch // cfg.batches_per_epoch)
+        if cfg.scale_lr:   # never a smaller batch (and step) than the base one: few rows take fewer steps instead
+            batch = max(batch, cfg.batch_size)
+            cfg = replace(cfg, lr=cfg.lr * batch / cfg.batch_size)
+        cfg = replace(cfg, batch_size=max(1, batch))
     gens = [torch.Generator().manual_seed(seed) for seed in seeds]
-    init_loss = [_eval_whip(samples[g], init[g], dev) for g in range(fits)]
+    init_loss = [_eval_whip(samples[g], init[g], dev, cfg.eval_rows) for g in range(fits)]
 
     z = init.detach().to(device=dev, dtype=torch.float32).clone().requires_grad_(True)
     if cfg.optimizer == "sgd":
@@ -249,7 +263,8 @@ def train_rotations(
     with torch.no_grad():
         rotations = qr_orth(z.detach().double()).cpu()
     results = [RotationTrainResult(rotation=rotations[g], loss_history=[float(h[g]) for h in history],
-                                   init_loss=init_loss[g], final_loss=_eval_whip(samples[g], rotations[g], dev),
+                                   init_loss=init_loss[g],
+                                   final_loss=_eval_whip(samples[g], rotations[g], dev, cfg.eval_rows),
                                    steps=steps) for g in range(fits)]
     _sync(dev)
     for r in results:
