@@ -175,12 +175,13 @@ class ShardIndex:
         return t[arch.final_norm], t[name]
 
 
-def all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
-    """No NaN/Inf, checked in chunks so the temporary mask stays small beside a 1.7 GB block."""
-    if not t.is_floating_point():
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf: min and max in one read, no mask (NaN propagates into both; ±Inf is one of them). ~25× faster
+    than `isfinite(t).all()` on a CPU, which cost a dart SmolLM2 run ~1.5 s of its 2 cores in the read-ahead thread."""
+    if not t.is_floating_point() or t.numel() == 0:
         return True
-    flat = t.reshape(-1)
-    return all(bool(torch.isfinite(flat[i: i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 class BlockReader(Protocol):

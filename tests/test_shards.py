@@ -78,3 +78,17 @@ def test_truncated_shard_is_named_before_any_read(tmp_path):
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(UserError, match="model-2.safetensors is truncated"):
         read_header(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_agrees_with_isfinite(dtype):
+    """The min/max check against torch.isfinite on every kind of bad value, at the start, middle and end."""
+    from streamquant.shards import all_finite
+
+    base = torch.randn(1000, 37, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert all_finite(base) and all_finite(base[:0]) and all_finite(torch.arange(5))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for at in (0, 18_500, base.numel() - 1):
+            t = base.clone().reshape(-1)
+            t[at] = bad
+            assert all_finite(t.view(1000, 37)) == bool(torch.isfinite(t).all()) == False   # noqa: E712
