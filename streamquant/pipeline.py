@@ -336,10 +336,9 @@ class Pipeline:
         r2, early = self.calibrate_r2(i, probe, hidden)
         del probe
         with self.stats.stage("rotate"):   # R2 turns only the linears it sits on; the others are the probe's
-            arch = self.arch
-            turned = tuple(name for name in arch.linear_names if name in (arch.r2_value, arch.r2_output))
             weights = probe_weights | rotate_block(original, self.spec, r1, r2, self.runtime.r4_seed,
-                                                   self.engine.device, linears=turned)
+                                                   self.engine.device,
+                                                   linears=(self.arch.r2_value, self.arch.r2_output))
         return weights, r2, early
 
     def probe_weights(self, original: dict[str, torch.Tensor], r1: torch.Tensor | None) -> dict[str, torch.Tensor]:

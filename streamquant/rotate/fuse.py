@@ -83,8 +83,8 @@ def r2_gram(gram: torch.Tensor, r2: torch.Tensor, spec: ModelSpec) -> torch.Tens
     """Σ x xᵀ of o_proj's inputs x, turned into that of the inputs once R2 is fused (x B, B = R2[g(h)] per query
     head h): Bᵀ S B, as two applications of fuse_r2's o_proj column rotation (S B, then (S B)ᵀ B = Bᵀ S B for a
     symmetric S), computed in the device's rotation precision and returned in gram's dtype."""
-    key = f"{spec.arch.r2_output}.weight"
-    half = fuse_r2({key: gram.to(rotation_dtype(gram.device))}, r2.to(gram.device), spec)[key]
+    key, r2 = f"{spec.arch.r2_output}.weight", r2.to(gram.device)
+    half = fuse_r2({key: gram.to(rotation_dtype(gram.device))}, r2, spec)[key]
     return fuse_r2({key: half.T.contiguous()}, r2, spec)[key].to(gram.dtype)
 
 
