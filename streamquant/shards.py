@@ -17,6 +17,7 @@ from typing import Iterator, Protocol
 import torch
 from safetensors import safe_open
 
+from streamquant.device import serial_helper_thread
 from streamquant.errors import UserError
 from streamquant.spec import ModelSpec
 
@@ -198,7 +199,8 @@ class BlockPrefetcher:
     def __init__(self, index: BlockReader, pin: bool = False):
         self.index = index
         self.pin = pin
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sq-prefetch")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sq-prefetch",
+                                        initializer=serial_helper_thread)
         self._pending: dict[int, Future] = {}
         self.io_seconds: dict[int, float] = {}     # time the reader thread spent loading block i
         self.wait_seconds: dict[int, float] = {}   # time the caller was blocked waiting for it (I/O not hidden)

@@ -92,3 +92,32 @@ def test_all_finite_agrees_with_isfinite(dtype):
             t = base.clone().reshape(-1)
             t[at] = bad
             assert all_finite(t.view(1000, 37)) == bool(torch.isfinite(t).all()) == False   # noqa: E712
+
+
+class _ThreadCountReader:
+    """A BlockReader that records how many OpenMP threads torch gives the thread reading each block."""
+
+    def __init__(self, spec):
+        self.spec, self.threads = spec, []
+
+    def load_block(self, i: int, pin: bool = False) -> dict[str, torch.Tensor]:
+        x = torch.randn(1 << 20)
+        torch.aminmax(x)   # a parallel op, as the real read's NaN check
+        self.threads.append(torch.get_num_threads())
+        return {"x": x}
+
+
+def test_read_ahead_thread_runs_serially_and_leaves_the_main_threads_alone(tmp_path):
+    """The read-ahead thread's ops run on itself (a second OpenMP team on a busy CPU throttles every team's
+    spin-wait: R2's small QRs ran 8× slower beside it), while the main thread keeps its thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)   # something to keep, even on a 1-core runner
+    try:
+        reader = _ThreadCountReader(checkpoint(tmp_path)[1])
+        with BlockPrefetcher(reader) as prefetch:
+            for _ in prefetch.blocks():
+                pass
+        assert reader.threads == [1] * reader.spec.num_layers
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
