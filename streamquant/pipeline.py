@@ -31,7 +31,7 @@ from streamquant.kernels.hadamard import random_hadamard_matrix
 from streamquant.memory import peak_gpu_bytes, peak_gpu_reserved_bytes, peak_host_bytes, release_host_memory
 from streamquant.plan import capture_windows, reservoir_rows
 from streamquant.preflight import Prepared
-from streamquant.qblock import QLinear, Runtime, qlinears
+from streamquant.qblock import QLinear, Runtime, activations_unquantized, qlinears
 from streamquant.quant.gptq import GPTQ
 from streamquant.quantized import Codes, QuantizedBlock
 from streamquant.rotate.dart import train_r1, train_r2
@@ -273,11 +273,14 @@ class Pipeline:
                     saved_r2 = self.dist.same(self.sink.block_r2(i) if self.sink is not None else None)
                     unquantized = self.rotated_weights(original, r1, saved_r2)
                 del original
-                self.engine.run_block(build_rotated_layer(self.engine, i, unquantized, self.runtime), hidden)
-                del unquantized
+                with activations_unquantized(build_rotated_layer(self.engine, i, unquantized, self.runtime),
+                                             self.calib_full) as unquantized_layer:
+                    self.engine.run_block(unquantized_layer, hidden)
+                del unquantized, unquantized_layer
             for states in (None if self.one_pass else hidden, eval_hidden):
                 if states is not None:
-                    self.engine.run_block(layer, states)
+                    with activations_unquantized(layer, self.calib_full and states is hidden):
+                        self.engine.run_block(layer, states)
             del layer
             release_host_memory()
             self.progress("replay", i + 1, done)
@@ -298,16 +301,18 @@ class Pipeline:
                 with stats.stage("quantize"):
                     layer = build_rotated_layer(engine, i, weights, self.runtime)
                     del weights
-                    if self.one_pass and not self.folds_r2:   # every Hessian from one pass of the unquantized block,
-                        early |= self.one_pass_hessians(layer, hidden, early, last)   # which feeds the next
-                    codes, losses = self.quantize_block(layer, hidden, early)
+                    with activations_unquantized(layer, self.calib_full):
+                        if self.one_pass and not self.folds_r2:   # every Hessian from one pass of the unquantized
+                            early |= self.one_pass_hessians(layer, hidden, early, last)   # block, which feeds the next
+                        codes, losses = self.quantize_block(layer, hidden, early)
                 with stats.stage("forward"):
                     # the calibration states feed the next block's Hessians: after the last block nothing reads them,
                     # and one-pass GPTQ has moved them on already
                     calib_states = hidden if not (last or self.one_pass) else None
                     for states in (calib_states, eval_hidden):
                         if states is not None:
-                            engine.run_block(layer, states)
+                            with activations_unquantized(layer, self.calib_full and states is calib_states):
+                                engine.run_block(layer, states)
                     stats.block["forward_equivalents"] += 1.0 if calib_states is not None else 0.0
                 with stats.stage("write"):
                     if self.sink is not None:
@@ -333,7 +338,8 @@ class Pipeline:
         with self.stats.stage("rotate"):
             probe_weights = self.probe_weights(original, r1)
             probe = build_rotated_layer(self.engine, i, probe_weights, self.runtime)
-        r2, early = self.calibrate_r2(i, probe, hidden)
+        with activations_unquantized(probe, self.calib_full):
+            r2, early = self.calibrate_r2(i, probe, hidden)
         del probe
         with self.stats.stage("rotate"):   # R2 turns only the linears it sits on; the others are the probe's
             weights = probe_weights | rotate_block(original, self.spec, r1, r2, self.runtime.r4_seed,
@@ -390,12 +396,18 @@ class Pipeline:
 
     @property
     def folds_r2(self) -> bool:
-        """dart with one-pass GPTQ and nothing quantized online (no activation or KV quantizer): R2 then changes
-        o_proj's inputs (x -> x R2 per head) and nothing after o_proj's output, so one pass of the block without R2
-        samples R2's rows, fills every Hessian (o_proj's turned by R2 afterwards: Bᵀ S B) and moves the states on.
-        The separate R2 probe pass is saved (~0.16 block forwards)."""
-        act_free = self.runtime.act.bits >= 16 and self.runtime.kv_bits >= 16
+        """dart with one-pass GPTQ and nothing quantized in the calibration passes (no activation or KV quantizer,
+        or --calib-acts full): R2 then changes o_proj's inputs (x -> x R2 per head) and nothing after o_proj's
+        output, so one pass of the block without R2 samples R2's rows, fills every Hessian (o_proj's turned by R2
+        afterwards: Bᵀ S B) and moves the states on. The separate R2 probe pass is saved (~0.16 block forwards)."""
+        act_free = self.calib_full or (self.runtime.act.bits >= 16 and self.runtime.kv_bits >= 16)
         return self.cfg.method == "dart" and self.one_pass and act_free
+
+    @property
+    def calib_full(self) -> bool:
+        """--calib-acts full: R2's rows, GPTQ's Hessians and the calibration states come from full-precision
+        activations (QuaRot's GPTQ); only the evaluation states and the output quantize them."""
+        return self.cfg.calib_acts == "full"
 
     @property
     def one_pass(self) -> bool:
@@ -499,7 +511,8 @@ class Pipeline:
         result = {
             "model": str(p.model_dir), "method": cfg.method, "weights": cfg.weights, "w_bits": cfg.w_bits,
             "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits, "group_size": cfg.group_size, "w_symmetric": cfg.w_symmetric,
-            "act_order": cfg.act_order, "w_clip": cfg.w_clip, "hessians": cfg.hessians, "samples": cfg.samples,
+            "act_order": cfg.act_order, "w_clip": cfg.w_clip, "hessians": cfg.hessians, "calib_acts": cfg.calib_acts,
+            "samples": cfg.samples,
             "seqlen": cfg.seqlen, "seed": cfg.seed, "device": str(self.device), "format": p.format.name,
             "dtype": str(p.dtype).removeprefix("torch."), "micro_batch": self.engine.micro_batch,
         }

@@ -31,6 +31,10 @@ from streamquant.writer import copied_files_bytes
 
 METHODS = ("dart", "quarot", "none")
 HESSIANS = ("sequential", "one-pass")
+# What the calibration passes (R2's rows, GPTQ's Hessians, the states carried to the next block) see of activations:
+# quantized, as the runtime computes them, or full precision, as QuaRot's GPTQ sees them (its activation quantizers
+# are switched on after GPTQ); the evaluation and the output quantize activations either way.
+CALIB_ACTS = ("quantized", "full")
 
 
 @dataclass
@@ -48,6 +52,7 @@ class RunConfig:
     w_clip: bool = False              # MSE-searched weight clipping (QuaRot w_clip)
     damp: float = 0.01                # GPTQ dampening, relative to mean(diag H)
     hessians: str = "sequential"      # GPTQ inputs: sequential (through the quantized weights before) | one-pass
+    calib_acts: str = "quantized"     # what calibration passes see of activations: quantized (as the runtime) | full
     a_clip: float = 0.9
     a_symmetric: bool = False         # symmetric per-token activations (what compressed-tensors/vLLM int8 express)
     r4_online: bool = False           # compressed-tensors formats: R4 online (transform_config), its inverse fused
@@ -85,6 +90,8 @@ class RunConfig:
             raise UserError(f"--r1-steps-per-epoch must be >= 0 (got {self.r1_train.batches_per_epoch})")
         if self.hessians not in HESSIANS:
             raise UserError(f"--hessians must be one of {', '.join(HESSIANS)} (got {self.hessians!r})")
+        if self.calib_acts not in CALIB_ACTS:
+            raise UserError(f"--calib-acts must be one of {', '.join(CALIB_ACTS)} (got {self.calib_acts!r})")
         if not self.damp >= 0:
             raise UserError(f"--damp must be >= 0 (got {self.damp})")
         if not 0 < self.a_clip <= 1:

@@ -8,7 +8,9 @@ The block is still transformers' own decoder layer; what DartQuant adds at run t
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +123,28 @@ def install_runtime(layer: nn.Module, spec: ModelSpec, runtime: Runtime) -> nn.M
     attn.sq_r3 = OnlineHadamard(spec.head_dim, runtime.r3_seed) if runtime.r3_seed is not None else None
     attn.sq_kv_bits, attn.sq_kv_clip = runtime.kv_bits, runtime.kv_clip
     return layer
+
+
+@contextlib.contextmanager
+def activations_unquantized(layer: nn.Module, on: bool = True) -> Iterator[nn.Module]:
+    """The layer with every activation and KV quantizer off while inside (`on`), as full-precision calibration
+    sees it (`--calib-acts full`); the online transforms (R3, R4) stay, they are part of the rotated model's function."""
+    if not on:
+        yield layer
+        return
+    linears = [(m, m.act) for m in layer.modules() if isinstance(m, QLinear)]
+    attention = [(m, m.sq_kv_bits) for m in layer.modules() if hasattr(m, "sq_kv_bits")]
+    for m, _ in linears:
+        m.act = ActQuantConfig()
+    for m, _ in attention:
+        m.sq_kv_bits = 16
+    try:
+        yield layer
+    finally:
+        for m, act in linears:
+            m.act = act
+        for m, bits in attention:
+            m.sq_kv_bits = bits
 
 
 def qlinears(layer: nn.Module, arch: ArchMap) -> dict[str, QLinear]:

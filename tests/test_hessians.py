@@ -157,3 +157,48 @@ def test_r2_folded_into_the_pass_gives_the_hessians_of_a_pass_with_r2(tiny_model
         assert (folded[g].H.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), order[g]
     # R2 does move o_proj's inputs: a fold that forgot to turn its Hessian would fail above
     assert (unturned - reference[o_proj]).abs().max() > 1e-2 * reference[o_proj].abs().max()
+
+
+# every weight option named, so that --a-bits 4 and --a-bits 16 infer no different preset
+W4_EXPLICIT = ["--method", "dart", "--w-bits", "4", "--weights", "gptq", "--group-size", "16", "--w-sym",
+               "--no-act-order", "--no-w-clip", "--hessians", "sequential", "--format", "streamquant", "--seed", "5"]
+
+
+def block_weights(out: Path) -> dict[str, torch.Tensor]:
+    spec, manifest = read_spec(out), read_manifest(out)
+    return {f"{i}.{name}": w for i in range(spec.num_layers) for name, w in read_block(out, i, spec, manifest).items()}
+
+
+def test_full_precision_calibration_quantizes_weights_as_a_run_without_activation_quantizers(tiny_models, tmp_path):
+    """--calib-acts full: R2's rows, every sequential GPTQ Hessian and the states carried between blocks see
+    unquantized activations, so a W4A4 run writes exactly the weights (and R2s) of the same W4A16 run; the default
+    (quantized) does not. R4 is online in both (the streamquant format)."""
+    model = tiny_models["llama"]
+    outs = {}
+    for name, extra in (("a16", ["--a-bits", "16"]), ("a4-full", ["--a-bits", "4", "--calib-acts", "full"]),
+                        ("a4-quantized", ["--a-bits", "4", "--calib-acts", "quantized"])):
+        outs[name] = tmp_path / name
+        res = run_cli(*run_args(model, outs[name], *W4_EXPLICIT, *extra))
+        assert res.returncode == 0, res.stderr
+    a16, full, quantized = (block_weights(outs[n]) for n in ("a16", "a4-full", "a4-quantized"))
+    assert a16.keys() == full.keys() == quantized.keys()
+    assert all(torch.equal(a16[k], full[k]) for k in a16)
+    assert not all(torch.equal(a16[k], quantized[k]) for k in a16)
+
+
+def test_full_precision_calibration_resume_after_sigkill_is_byte_identical(tiny_models, tmp_path):
+    """The replay carries the calibration states through the finished blocks with activations unquantized, and the
+    evaluation states with them quantized, as the uninterrupted run did (killed after block 2 of 4)."""
+    model = tiny_models["llama"]
+    extra = [*W4_EXPLICIT, "--a-bits", "4", "--calib-acts", "full"]
+    whole = tmp_path / "whole"
+    assert run_cli(*run_args(model, whole, *extra)).returncode == 0
+    out = tmp_path / "out"
+    args = run_args(model, out, *extra)
+    env = dict(os.environ, STREAMQUANT_CRASH_AT="after:block-00002.safetensors")
+    killed = subprocess.run([str(Path(sys.executable).with_name("streamquant")), *args], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert tree(out) == tree(whole)
