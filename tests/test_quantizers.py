@@ -151,7 +151,9 @@ def test_activation_matches_fp64_reference(bits, clip, symmetric):
     x[0, 0] = 0.0  # an all-zero token
     x[1, 2] = x[1, 2].abs()  # an all-positive token: range must still include 0
     cfg = ActQuantConfig(bits=bits, clip_ratio=clip, symmetric=symmetric)
+    given = x.clone()
     out = fake_quantize_activation(x, cfg)
+    assert torch.equal(x, given)   # computed in a buffer of its own, never in the caller's tensor
     assert out.dtype == x.dtype and out.shape == x.shape
     torch.testing.assert_close(out, _ref_token_quant(x, bits, clip, symmetric), rtol=0, atol=1e-12)
     assert bool((out[0, 0] == 0).all())

