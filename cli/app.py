@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import inspect
 import json
 import os
@@ -362,6 +363,16 @@ def verify_cmd(out: str = typer.Argument(..., help="A streamquant output directo
 
 def main() -> None:
     """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
+    try:
+        _main()
+    finally:
+        # The process ends here, its outputs written and closed: hand the millions of objects torch and transformers
+        # created to the OS at exit instead of letting the interpreter's last garbage collection walk them all
+        # (measured 1.27 s of every command on the 2-core machine, 60 % of a data-free RTN run's own work).
+        gc.freeze()
+
+
+def _main() -> None:
     try:
         rc = app(standalone_mode=False)  # click returns (not raises) the code of a typer.Exit here
         sys.exit(rc if isinstance(rc, int) else 0)
