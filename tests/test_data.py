@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import last_json, run_cli
-from streamquant.data import load_tokenizer, tokenize, tokenize_in_pieces
+from streamquant.data import load_tokenizer, tokenize, tokenize_in_pieces, tokenize_prefix
 
 GIB = 1 << 30
 
@@ -30,6 +30,19 @@ def test_pieces_lose_and_repeat_nothing(tokenizer, eval_text):
     assert pieces[0] == bos and int((pieces == bos).sum()) == int((whole == bos).sum()) == 1
     cuts = len(text) // 5000 + 1
     assert abs(pieces.numel() - whole.numel()) <= 4 * cuts
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_an_evaluation_prefix_has_exactly_the_whole_texts_first_ids(tokenizer, smollm2, eval_text, which):
+    """Evaluation encodes only the text its windows need; its ids are the whole text's, <s> included, whatever the
+    count asked (one window of 48, eight of 512, more than the text holds, all)."""
+    tok = tokenizer if which == "tiny" else load_tokenizer(smollm2)
+    text = eval_text.read_text(encoding="utf-8")
+    whole = tokenize(tok, text)
+    for tokens in (48, 4096, whole.numel() - 10):
+        assert tokenize_prefix(tok, text, tokens).tolist() == whole[:tokens].tolist(), tokens
+    assert tokenize_prefix(tok, text, whole.numel() + 1).tolist() == whole.tolist()   # too few: all there is
+    assert tokenize_prefix(tok, text, None).tolist() == whole.tolist()
 
 
 def test_a_line_longer_than_a_piece_is_cut_anyway(tokenizer):
