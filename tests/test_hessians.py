@@ -99,9 +99,14 @@ def test_one_pass_resume_after_sigkill_is_byte_identical(tiny_models, tmp_path):
     """The resumed run's calibration states replay through the *unquantized* blocks (dart's R2 probe, since R2 is
     learned in the one-pass pass). Killed after block 2 of 4, so the replay carries them through two blocks (a kill
     after block 1 replays one, and missed that the replay dropped them after its first block)."""
-    model = tiny_models["llama"]
-    extra = ["--method", "dart", "--w-bits", "4", "--a-bits", "16", "--weights", "gptq", "--group-size", "16",
-             "--hessians", "one-pass"]
+    assert_resume_after_sigkill_is_byte_identical(tiny_models["llama"], tmp_path, [
+        "--method", "dart", "--w-bits", "4", "--a-bits", "16", "--weights", "gptq", "--group-size", "16",
+        "--hessians", "one-pass"])
+
+
+def assert_resume_after_sigkill_is_byte_identical(model: Path, tmp_path: Path, extra: list[str]) -> None:
+    """Killed after block 2 of 4 (the replay then carries states through two blocks), resumed: the same bytes as
+    an uninterrupted run."""
     whole = tmp_path / "whole"
     assert run_cli(*run_args(model, whole, *extra)).returncode == 0
     out = tmp_path / "out"
@@ -189,16 +194,5 @@ def test_full_precision_calibration_quantizes_weights_as_a_run_without_activatio
 def test_full_precision_calibration_resume_after_sigkill_is_byte_identical(tiny_models, tmp_path):
     """The replay carries the calibration states through the finished blocks with activations unquantized, and the
     evaluation states with them quantized, as the uninterrupted run did (killed after block 2 of 4)."""
-    model = tiny_models["llama"]
-    extra = [*W4_EXPLICIT, "--a-bits", "4", "--calib-acts", "full"]
-    whole = tmp_path / "whole"
-    assert run_cli(*run_args(model, whole, *extra)).returncode == 0
-    out = tmp_path / "out"
-    args = run_args(model, out, *extra)
-    env = dict(os.environ, STREAMQUANT_CRASH_AT="after:block-00002.safetensors")
-    killed = subprocess.run([str(Path(sys.executable).with_name("streamquant")), *args], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    resumed = run_cli(*args, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert tree(out) == tree(whole)
+    assert_resume_after_sigkill_is_byte_identical(tiny_models["llama"], tmp_path,
+                                                  [*W4_EXPLICIT, "--a-bits", "4", "--calib-acts", "full"])
