@@ -125,11 +125,14 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+PREFIX_MARGIN = 256   # ids past the ones kept that a prefix must also hold: the cut changes only its last few
+
+
 def tokenize_prefix(tokenizer, text: str, tokens: int | None) -> torch.Tensor:
     """The first `tokens` ids of `tokenize(text)` (all of them for None), encoding only as much of the text as they
     need: a prefix cut at a line end, taken when a prefix twice as long starts with the same ids (a cut can only
-    change the ids next to it); else the whole text. Evaluating 8 windows of 512 on WikiText-2 test encodes ~70 KB
-    of its 1.26 MB (~1 s of every README-shaped run)."""
+    change the ids next to it); else the whole text. Evaluating 8 windows of 512 on WikiText-2 test encodes
+    ~200 KB (both prefixes) of its 1.26 MB: 0.13 s instead of 1.17 s."""
     if tokens is None:
         return tokenize(tokenizer, text)
     chars = 16 * tokens   # English BPE averages ~4 characters a token
@@ -141,7 +144,6 @@ def tokenize_prefix(tokenizer, text: str, tokens: int | None) -> torch.Tensor:
     return tokenize(tokenizer, text)[:tokens]
 
 
-PREFIX_MARGIN = 256   # ids past the ones kept that a prefix must also hold: the cut changes only its last few
 CALIB_PIECE_CHARS = 4 << 20   # a fast tokenizer holds ~140 bytes per character while it encodes one call's text
 
 
