@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 from typing import Iterator
 
 import torch
@@ -79,13 +80,14 @@ def serial_helper_thread() -> None:
 @functools.cache
 def _openmp_runtime() -> ctypes.CDLL | None:
     """The OpenMP runtime torch was loaded with (its own copy, found among this process's mappings; Linux only),
-    or None."""
+    or None. A copy inside torch's package comes first: another library may have loaded the system's."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if ".so" in line})
+            paths = {line.split()[-1] for line in maps if ".so" in line}
     except OSError:
         return None
-    for path in paths:
+    torch_dir = os.path.dirname(torch.__file__)
+    for path in sorted(paths, key=lambda p: (not p.startswith(torch_dir), p)):
         name = path.rsplit("/", 1)[-1]
         if name.startswith(("libgomp", "libiomp", "libomp")):
             try:
