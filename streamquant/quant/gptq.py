@@ -39,9 +39,8 @@ from torch import Tensor
 from .quantizers import (
     WeightQuantConfig,
     code_dtype,
-    dequantize_from_grid,
+    code_range,
     dequantize_weight,
-    quantize_to_grid,
     weight_qparams,
 )
 
@@ -259,6 +258,7 @@ class GPTQ:
         grouped = group_size != -1
         codes = torch.zeros_like(W)
         losses = torch.zeros(out_features, device=self.device)
+        qmin, qmax = code_range(cfg.bits, cfg.symmetric)
 
         for i1 in range(0, columns, block_size):
             i2 = min(i1 + block_size, columns)
@@ -285,12 +285,13 @@ class GPTQ:
 
                 g = col_group[col]
                 s, z = scales[:, g], zeros[:, g]
-                c = quantize_to_grid(w, s, z, cfg.bits, cfg.symmetric)
-                q = dequantize_from_grid(c, s, z)
-                C1[:, i] = c
-
-                err1 = (w - q) / d
-                ErrT[i] = err1
+                # quantize_to_grid and dequantize_from_grid's arithmetic, op for op, without a new tensor per step
+                # (the loop runs once per column: its dispatches are most of a small layer's solve)
+                c = w / s
+                C1[:, i] = c.round_().add_(z).clamp_(qmin, qmax)
+                err1 = ErrT[i]
+                torch.sub(c, z, out=err1).mul_(s)               # ŵ = (c − z)·s
+                torch.sub(w, err1, out=err1).div_(d)            # (w − ŵ) / d
                 Err1[:, i] = err1
 
             codes[:, i1:i2] = C1
