@@ -179,6 +179,12 @@ def eval_windows(ids: torch.Tensor, seqlen: int, windows: int | None) -> torch.T
     return ids[: count * seqlen].view(count, seqlen).clone()
 
 
+def eval_windows_of_text(tokenizer, text: str, seqlen: int, windows: int | None) -> torch.Tensor:
+    """`eval_windows` of the text's ids, encoding only the text those windows need (`tokenize_prefix`)."""
+    return eval_windows(tokenize_prefix(tokenizer, text, None if windows is None else windows * seqlen), seqlen,
+                        windows)
+
+
 def calibration_windows(ids: torch.Tensor, seqlen: int, samples: int, seed: int) -> torch.Tensor:
     """`samples` random windows of `seqlen` tokens, reproducible from `seed`: [samples, seqlen]."""
     if seqlen < 2:

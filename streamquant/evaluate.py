@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from streamquant.errors import UserError
-from streamquant.data import eval_windows, load_tokenizer, read_text, tokenize_prefix
+from streamquant.data import eval_windows_of_text, load_tokenizer, read_text
 from streamquant.device import pin_host_memory, resolve_device, resolve_dtype
 from streamquant.memory import peak_gpu_bytes, peak_host_bytes, return_freed_memory_to_os
 from streamquant.plan import micro_batch_for
@@ -40,8 +40,7 @@ def perplexity(model: str, data: str, seqlen: int, windows: int | None, dtype: s
     spec = source.spec
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    wanted = None if windows is None else windows * seqlen
-    ids = eval_windows(tokenize_prefix(load_tokenizer(model_dir), read_text(data), wanted), seqlen, windows)
+    ids = eval_windows_of_text(load_tokenizer(model_dir), read_text(data), seqlen, windows)
     mb = micro_batch or micro_batch_for(seqlen, spec.hidden_size, spec.mlp_width, dt)
     engine = Engine(spec, dev, dt, mb, pin=pin_host_memory(dev))
     tick = None if on_progress is None else (lambda i: on_progress("eval", i + 1, spec.num_layers))

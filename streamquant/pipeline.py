@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from streamquant.data import calibration_windows, eval_windows, read_text, tokenize_in_pieces, tokenize_prefix
+from streamquant.data import calibration_windows, eval_windows_of_text, read_text, tokenize_in_pieces
 from streamquant.device import full_fp32_matmuls, pin_host_memory
 from streamquant.errors import Stopped
 from streamquant.kernels.hadamard import random_hadamard_matrix
@@ -194,8 +194,7 @@ class Pipeline:
             calib = calibration_windows(tokenize_in_pieces(tok, read_text(cfg.calib)), cfg.seqlen, cfg.samples,
                                         cfg.seed)
         if cfg.eval:
-            wanted = None if cfg.eval_windows is None else cfg.eval_windows * cfg.seqlen
-            evals = eval_windows(tokenize_prefix(tok, read_text(cfg.eval), wanted), cfg.seqlen, cfg.eval_windows)
+            evals = eval_windows_of_text(tok, read_text(cfg.eval), cfg.seqlen, cfg.eval_windows)
         return calib, evals
 
     # ---- stage 1: capture ----

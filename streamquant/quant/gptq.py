@@ -39,8 +39,9 @@ from torch import Tensor
 from .quantizers import (
     WeightQuantConfig,
     code_dtype,
-    code_range,
+    dequantize_from_grid_,
     dequantize_weight,
+    quantize_to_grid,
     weight_qparams,
 )
 
@@ -258,7 +259,6 @@ class GPTQ:
         grouped = group_size != -1
         codes = torch.zeros_like(W)
         losses = torch.zeros(out_features, device=self.device)
-        qmin, qmax = code_range(cfg.bits, cfg.symmetric)
 
         for i1 in range(0, columns, block_size):
             i2 = min(i1 + block_size, columns)
@@ -285,13 +285,11 @@ class GPTQ:
 
                 g = col_group[col]
                 s, z = scales[:, g], zeros[:, g]
-                # quantize_to_grid and dequantize_from_grid's arithmetic, op for op, without a new tensor per step
-                # (the loop runs once per column: its dispatches are most of a small layer's solve)
-                c = w / s
-                C1[:, i] = c.round_().add_(z).clamp_(qmin, qmax)
-                err1 = ErrT[i]
-                torch.sub(c, z, out=err1).mul_(s)               # ŵ = (c − z)·s
-                torch.sub(w, err1, out=err1).div_(d)            # (w − ŵ) / d
+                c = quantize_to_grid(w, s, z, cfg.bits, cfg.symmetric)
+                C1[:, i] = c
+                # (w − ŵ) / d straight into the error row: the loop runs once per column, and its dispatches are
+                # most of a small layer's solve
+                err1 = torch.sub(w, dequantize_from_grid_(c, s, z), out=ErrT[i]).div_(d)
                 Err1[:, i] = err1
 
             codes[:, i1:i2] = C1
