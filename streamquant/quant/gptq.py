@@ -265,8 +265,7 @@ class GPTQ:
             count = i2 - i1
             W1 = W[:, i1:i2]          # not updated within the block: each column takes its updates when reached
             C1 = torch.zeros_like(W1)
-            Err1 = torch.zeros_like(W1)
-            ErrT = torch.zeros(count, out_features, device=self.device)   # the same errors, a row per column
+            ErrT = torch.zeros(count, out_features, device=self.device)   # the block's errors, a row per column
             Hinv1 = Hinv[i1:i2, i1:i2]
 
             for i in range(count):
@@ -289,10 +288,10 @@ class GPTQ:
                 C1[:, i] = c
                 # (w − ŵ) / d straight into the error row: the loop runs once per column, and its dispatches are
                 # most of a small layer's solve
-                err1 = torch.sub(w, dequantize_from_grid_(c, s, z), out=ErrT[i]).div_(d)
-                Err1[:, i] = err1
+                torch.sub(w, dequantize_from_grid_(c, s, z), out=ErrT[i]).div_(d)
 
             codes[:, i1:i2] = C1
+            Err1 = ErrT.t().contiguous()            # a column per scanned column, once per block
             losses += Err1.square().sum(1) / 2      # Σ ((w − ŵ)/d)² / 2 over the block's columns
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         return codes, losses
