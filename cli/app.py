@@ -153,6 +153,7 @@ def run_cmd(
     damp: float = typer.Option(0.01, help="GPTQ dampening, relative to the mean of the Hessian diagonal."),
     hessians: Optional[str] = typer.Option(None, "--hessians", help="GPTQ Hessians: sequential (each group's inputs through the weights quantized before it) or one-pass (from one pass of the unquantized model: one forward per block instead of ~2.2). [preset]"),
     calib_acts: Optional[str] = typer.Option(None, "--calib-acts", help="What calibration (R2's rows, GPTQ's Hessians, the states carried to the next block) sees of activations: quantized (as the runtime computes them) or full precision (QuaRot's GPTQ); evaluation and output quantize them either way. [preset]"),
+    o_online: Optional[bool] = typer.Option(None, "--o-online/--no-o-online", help="An online Hadamard on o_proj's input, across heads (QuaRot's out_proj transform; R2 turns within a head only). streamquant format. [preset]"),
     a_clip: float = typer.Option(0.9, help="Activation clip ratio."),
     a_symmetric: bool = typer.Option(False, "--a-symmetric", help="Symmetric per-token activations (what int-quantized/pack-quantized A8 exports express, with --a-bits 8 --a-clip 1)."),
     r4_online: bool = typer.Option(False, "--r4-online", help="pack-/int-quantized: R4 online as a transform_config (vLLM TP=1 and streamquant.load apply it; plain transformers does not)."),
@@ -199,7 +200,7 @@ def run_cmd(
                                                   weights=weights, group_size=group_size,
                                                   w_symmetric=None if w_asym is None else not w_asym,
                                                   act_order=act_order, w_clip=w_clip, hessians=hessians,
-                                                  calib_acts=calib_acts))
+                                                  calib_acts=calib_acts, o_online=o_online))
     out_dir = None if no_write else Path(out) if out is not None else default_out(model, choice.scheme)
     cfg.out = out_dir
     if dry_run:

@@ -42,12 +42,13 @@ def exportable_activations(act: ActQuantConfig) -> bool:
     return not act.enabled or (act.bits == 8 and act.symmetric and act.clip_ratio == 1.0)
 
 
-def resolve_format(name: str, w_bits: int, a_bits: int, kv_bits: int, a_exportable: bool = False) -> str:
+def resolve_format(name: str, w_bits: int, a_bits: int, kv_bits: int, a_exportable: bool = False,
+                   o_online: bool = False) -> str:
     """W4A16 → compressed-tensors pack-quantized (runtimes load it); W8 or W4 with exportable int8 activations →
-    int-quantized / pack-quantized; anything else with online parts → our own."""
+    int-quantized / pack-quantized; anything else with online parts (o_proj's Hadamard included) → our own."""
     if name != "auto":
         return name
-    if kv_bits < 16 or w_bits >= 16:
+    if kv_bits < 16 or w_bits >= 16 or o_online:
         return "streamquant"
     if a_bits >= 16 and w_bits == 4:
         return "pack-quantized"

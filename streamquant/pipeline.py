@@ -344,21 +344,24 @@ class Pipeline:
         with self.stats.stage("rotate"):   # R2 turns only the linears it sits on; the others are the probe's
             weights = probe_weights | rotate_block(original, self.spec, r1, r2, self.runtime.r4_seed,
                                                    self.engine.device,
-                                                   linears=(self.arch.r2_value, self.arch.r2_output))
+                                                   linears=(self.arch.r2_value, self.arch.r2_output),
+                                                   o_seed=self.runtime.o_seed)
         return weights, r2, early
 
     def probe_weights(self, original: dict[str, torch.Tensor], r1: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """The block R2 is learned on: σ, R1 and R4 fused, no R2 yet."""
-        return rotate_block(original, self.spec, r1, None, self.runtime.r4_seed, self.engine.device)
+        """The block R2 is learned on: σ, R1 and R4 (and o_proj's online Hadamard) fused, no R2 yet."""
+        return rotate_block(original, self.spec, r1, None, self.runtime.r4_seed, self.engine.device,
+                            o_seed=self.runtime.o_seed)
 
     def rotated_weights(self, original: dict[str, torch.Tensor], r1: torch.Tensor | None,
                         r2: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """A block's weights with σ, R1, R2 and R4 fused."""
+        """A block's weights with σ, R1, R2 and R4 (and o_proj's online Hadamard) fused."""
         if self.cfg.method == "none":
             # the plain model, the baseline: σ stays in the norms (fused, it would be rounded with the weights it
             # scales: RTN g64 on SmolLM2 measured 54.4 PPL fused, 39.2 plain)
             return original
-        return rotate_block(original, self.spec, r1, r2, self.runtime.r4_seed, self.engine.device)
+        return rotate_block(original, self.spec, r1, r2, self.runtime.r4_seed, self.engine.device,
+                            o_seed=self.runtime.o_seed)
 
     def calibrate_r2(self, i: int, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, dict[int, GPTQ]]:
         """R2 per KV head from this block's o_proj inputs. The pass that samples them stops at o_proj and, with GPTQ,
@@ -399,9 +402,10 @@ class Pipeline:
         """dart with one-pass GPTQ and nothing quantized in the calibration passes (no activation or KV quantizer,
         or --calib-acts full): R2 then changes o_proj's inputs (x -> x R2 per head) and nothing after o_proj's
         output, so one pass of the block without R2 samples R2's rows, fills every Hessian (o_proj's turned by R2
-        afterwards: Bᵀ S B) and moves the states on. The separate R2 probe pass is saved (~0.16 block forwards)."""
+        afterwards: Bᵀ S B) and moves the states on. The separate R2 probe pass is saved (~0.16 block forwards).
+        Not with o_proj's online Hadamard H_o: that Hessian is then of x H_o, which Bᵀ S B does not turn into R2's."""
         act_free = self.calib_full or (self.runtime.act.bits >= 16 and self.runtime.kv_bits >= 16)
-        return self.cfg.method == "dart" and self.one_pass and act_free
+        return self.cfg.method == "dart" and self.one_pass and act_free and self.runtime.o_seed is None
 
     @property
     def calib_full(self) -> bool:

@@ -56,6 +56,7 @@ class RunConfig:
     a_clip: float = 0.9
     a_symmetric: bool = False         # symmetric per-token activations (what compressed-tensors/vLLM int8 express)
     r4_online: bool = False           # compressed-tensors formats: R4 online (transform_config), its inverse fused
+    o_online: bool = False            # an online Hadamard on o_proj's input, across heads (streamquant format)
     calib: str = "default"
     samples: int = 128
     seqlen: int = 2048
@@ -100,6 +101,8 @@ class RunConfig:
             raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {self.format!r})")
         if self.r4_online and self.method == "none":
             raise UserError("--r4-online needs a rotation (--method dart or quarot): R4's inverse is fused with them")
+        if self.o_online and self.method == "none":
+            raise UserError("--o-online needs a rotation (--method dart or quarot); --method none is the plain model")
         fmt = self.resolved_format
         if fmt in COMPRESSED_TENSORS:
             self._check_compressed_tensors(fmt)
@@ -123,6 +126,9 @@ class RunConfig:
             raise UserError(f"--format {fmt} holds {want}-bit weights (got --w-bits {self.w_bits}); "
                             f"{'int-quantized' if self.w_bits == 8 else 'pack-quantized'} holds "
                             f"{8 if want == 4 else 4}-bit weights")
+        if self.o_online:
+            raise UserError(f"--format {fmt} carries no online Hadamard on o_proj's input: use --format streamquant "
+                            f"(or auto) with --o-online, or --no-o-online")
         if fmt == "int-quantized" and not self.w_symmetric:
             raise UserError("--format int-quantized holds symmetric 8-bit weights (no --w-asym)")
 
@@ -133,7 +139,7 @@ class RunConfig:
     @property
     def resolved_format(self) -> str:
         return resolve_format(self.format, self.w_bits, self.a_bits, self.kv_bits,
-                              exportable_activations(self.act_cfg))
+                              exportable_activations(self.act_cfg), self.o_online)
 
     @property
     def weight_cfg(self) -> WeightQuantConfig | None:
@@ -233,6 +239,7 @@ def prepare(cfg: RunConfig, plan_only: bool = False, group: Solo | None = None) 
         act=cfg.act_cfg,     # compressed-tensors formats: exactly the quantizer the export describes (checked)
         kv_bits=cfg.kv_bits,
         r4_stored=rotated and cfg.r4_online and fmt_name in COMPRESSED_TENSORS,
+        o_seed=cfg.seed + 5 if rotated and cfg.o_online else None,
     )
     if spec.arch.moe is not None and fmt_name in COMPRESSED_TENSORS and (
             fmt_name != "pack-quantized" or runtime.act.enabled or runtime.r4_stored):

@@ -1,8 +1,9 @@
 """A rotated (and optionally quantized) decoder block at run time.
 
 The block is still transformers' own decoder layer; what DartQuant adds at run time is slotted in around it:
-- every Linear becomes a `QLinear`: optional online Hadamard on its input (R4 for down_proj), then the per-token
-  activation quantizer, then the (fake-quantized or dequantized INT4) weight;
+- every Linear becomes a `QLinear`: optional online Hadamard on its input (R4 for down_proj; for o_proj, one across
+  heads, `Runtime.o_seed`), then the per-token activation quantizer, then the (fake-quantized or dequantized INT4)
+  weight;
 - attention goes through the registered "streamquant" attention function, which applies the online R3 Hadamard to
   Q and K after RoPE and quantizes K and V when the KV cache is quantized, then calls SDPA.
 """
@@ -37,18 +38,21 @@ class Runtime:
     kv_bits: int = 16
     kv_clip: float = 1.0
     r4_stored: bool = False         # R4 applied as compressed-tensors applies its stored transform weight (exports)
+    o_seed: int | None = None       # online Hadamard on o_proj's input, across heads (None: off)
 
     def to_json(self) -> dict:
         d = {"r3_seed": self.r3_seed, "r4_seed": self.r4_seed, "a_bits": self.act.bits,
              "a_clip": self.act.clip_ratio, "a_symmetric": self.act.symmetric,
              "kv_bits": self.kv_bits, "kv_clip": self.kv_clip}
-        return d | {"r4_stored": True} if self.r4_stored else d   # absent when off: older outputs read the same
+        # absent when off: older outputs read the same
+        return d | ({"r4_stored": True} if self.r4_stored else {}) | ({"o_seed": self.o_seed} if self.o_seed is not None
+                                                                       else {})
 
     @classmethod
     def from_json(cls, d: dict) -> "Runtime":
         return cls(d["r3_seed"], d["r4_seed"], ActQuantConfig(bits=d["a_bits"], clip_ratio=d["a_clip"],
                                                               symmetric=d["a_symmetric"]), d["kv_bits"], d["kv_clip"],
-                   d.get("r4_stored", False))
+                   d.get("r4_stored", False), d.get("o_seed"))
 
 
 class StoredTransform:
@@ -117,6 +121,8 @@ def install_runtime(layer: nn.Module, spec: ModelSpec, runtime: Runtime) -> nn.M
         if name in arch.r4_names and runtime.r4_seed is not None:
             transform = OnlineHadamard(old.in_features, runtime.r4_seed)
             transform = StoredTransform(transform) if runtime.r4_stored else transform
+        if name == arch.r2_output and runtime.o_seed is not None:
+            transform = OnlineHadamard(old.in_features, runtime.o_seed)
         act = ActQuantConfig() if name in arch.unquantized else runtime.act   # a 16-bit router reads 16-bit inputs
         setattr(parent, attr, QLinear(old.weight.data, None if old.bias is None else old.bias.data, act, transform))
     attn = layer.get_submodule(arch.attention)

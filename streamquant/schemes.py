@@ -3,7 +3,7 @@ exports), `w4a4` (the paper), `w4a4kv4`, so one name replaces six flags.
 
 A preset fills only the options the user did not give; an explicit `--w-bits`, `--a-bits`, `--kv-bits`,
 `--weights`, `--group-size`, `--w-asym`/`--w-sym`, `--act-order`/`--no-act-order`, `--w-clip`/`--no-w-clip`,
-`--hessians`, `--calib-acts` or `--method` always wins, so a command that names every option does exactly what it did
+`--hessians`, `--calib-acts`, `--o-online`/`--no-o-online` or `--method` always wins, so a command that names every option does exactly what it did
 before presets existed.
 Without `--scheme`, the preset is the first whose bits agree with the bits given (so `--a-bits 4` alone means w4a4,
 per-channel weights as in the paper, not w4a16's groups), else w4a16.
@@ -23,7 +23,7 @@ W_CLIP_AUTO = "auto"                # preset marker: the MSE clip search for GPT
 AUTO_GROUP = 0                      # preset marker: the largest of GROUP_CHOICES that divides every linear input
 GROUP_CHOICES = (128, 64, 32)
 PRESET_KEYS = ("method", "w_bits", "a_bits", "kv_bits", "weights", "group_size", "w_symmetric", "act_order", "w_clip",
-               "hessians", "calib_acts")
+               "hessians", "calib_acts", "o_online")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Scheme:
     w_clip: bool | str = False
     hessians: str = "sequential"
     calib_acts: str = "quantized"
+    o_online: bool = False
 
 
 SCHEMES = {s.name: s for s in (
@@ -95,7 +96,8 @@ class Choice:
                                          ("full-precision calibration", cfg.calib_acts == "full" and cfg.a_bits < 16))
                    if on]
         w = "16-bit weights" if cfg.w_bits >= 16 else " ".join([f"W{cfg.w_bits} {cfg.weights.upper()} {group}", *options])
-        return (f"scheme {self.scheme} ({self.source}): {cfg.method} rotations, {w}, A{cfg.a_bits}, KV{cfg.kv_bits}"
+        rotations = f"{cfg.method} rotations" + (" + o_proj's Hadamard online" if cfg.o_online else "")
+        return (f"scheme {self.scheme} ({self.source}): {rotations}, {w}, A{cfg.a_bits}, KV{cfg.kv_bits}"
                 + (f"; {self.group_note}" if self.group_note else ""))
 
 

@@ -187,6 +187,8 @@ def test_exported_configs_parse_in_compressed_tensors(exports):
     (["--format", "pack-quantized", "--a-bits", "16", "--kv-bits", "4"], "KV"),
     (["--w-bits", "8", "--a-bits", "4"], "int-quantized"),                                    # no 8-bit streamquant
     (["--r4-online", "--method", "none", "--a-bits", "16"], "rotation"),
+    (["--o-online", "--method", "none", "--a-bits", "4"], "rotation"),
+    (["--o-online", "--format", "pack-quantized", "--a-bits", "16"], "o_proj"),
 ])
 def test_options_an_export_cannot_express_are_one_line(tiny_models, tmp_path, opts, words):
     res = run_cli("run", str(tiny_models["llama"]), "--out", str(tmp_path / "o"), *FAST, *opts)
@@ -213,3 +215,4 @@ def test_auto_format_keeps_existing_choices():
     assert resolve_format("auto", 8, 8, 16, a_exportable=True) == "int-quantized"
     assert resolve_format("auto", 8, 16, 16, a_exportable=True) == "int-quantized"
     assert resolve_format("auto", 4, 8, 4, a_exportable=True) == "streamquant"
+    assert resolve_format("auto", 4, 16, 16, o_online=True) == "streamquant"   # online parts only ours carries

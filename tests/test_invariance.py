@@ -1,4 +1,5 @@
-"""A rotated-but-unquantized model gives the original logits (fp32): R1, R2, R3, R4 all active."""
+"""A rotated-but-unquantized model gives the original logits (fp32): R1, R2, R3, R4 and o_proj's online Hadamard all
+active."""
 from __future__ import annotations
 
 import pytest
@@ -28,7 +29,7 @@ def rotated_vs_reference(model_dir, text_path, seqlen=48, windows=3):
         r1=random_orthogonal(spec.hidden_size, gen),  # a dense rotation, harder than a Hadamard
         r2=[torch.stack([random_orthogonal(spec.head_dim, gen) for _ in range(spec.num_kv_heads)])
             for _ in range(spec.num_layers)],
-        runtime=Runtime(r3_seed=3, r4_seed=4),
+        runtime=Runtime(r3_seed=3, r4_seed=4, o_seed=6),
     )
     engine = Engine(spec, torch.device("cpu"), torch.float32, micro_batch=2)
     ours = stream_logits(RotatedSource(ShardIndex(model_dir, spec), rot), engine, ids)
@@ -86,9 +87,9 @@ def test_r3_is_applied_online(tiny_models, eval_text):
     assert not torch.equal(kv4, kv4_r3)
 
 
-def _dense_rotated_block(w, spec, r1, r2, r4_seed):
+def _dense_rotated_block(w, spec, r1, r2, r4_seed, o_seed=None):
     """The fused weights as whole fp64 matrices: W diag(σ) R1 on the input side, R1ᵀ W on the output side, R2 as a
-    block-diagonal matrix (one head_dim block per head), H4 as the explicit random Hadamard."""
+    block-diagonal matrix (one head_dim block per head), H4 and o_proj's H_o as explicit random Hadamards."""
     from streamquant.kernels.hadamard import OnlineHadamard
 
     d = {k: v.double() for k, v in w.items()}
@@ -96,12 +97,14 @@ def _dense_rotated_block(w, spec, r1, r2, r4_seed):
     r2_kv = torch.block_diag(*r2)                                                   # on v's output rows
     r2_q = torch.block_diag(*[r2[h // spec.heads_per_group] for h in range(spec.num_heads)])  # on o's input columns
     h4 = OnlineHadamard(spec.intermediate_size, r4_seed).matrix()
+    n_o = spec.num_heads * spec.head_dim
+    h_o = torch.eye(n_o, dtype=torch.float64) if o_seed is None else OnlineHadamard(n_o, o_seed).matrix()
     return {
         "self_attn.q_proj.weight": d["self_attn.q_proj.weight"] * s_in @ r1,
         "self_attn.q_proj.bias": d["self_attn.q_proj.bias"],
         "self_attn.v_proj.weight": r2_kv.T @ (d["self_attn.v_proj.weight"] * s_in) @ r1,
         "self_attn.v_proj.bias": d["self_attn.v_proj.bias"] @ r2_kv,
-        "self_attn.o_proj.weight": r1.T @ d["self_attn.o_proj.weight"] @ r2_q,
+        "self_attn.o_proj.weight": r1.T @ d["self_attn.o_proj.weight"] @ r2_q @ h_o,
         "mlp.up_proj.weight": d["mlp.up_proj.weight"] * s_post @ r1,
         "mlp.down_proj.weight": r1.T @ d["mlp.down_proj.weight"] @ h4,
     }
@@ -115,16 +118,17 @@ def _rotation_case(model_dir):
     return spec, ShardIndex(model_dir, spec).load_block(1), r1, r2
 
 
+@pytest.mark.parametrize("o_seed", [None, 6])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
-def test_rotate_block_matches_dense_fp64(tiny_models, dtype, tol):
+def test_rotate_block_matches_dense_fp64(tiny_models, dtype, tol, o_seed):
     """Both fusion precisions against whole-matrix fp64 products: fp64 (the CPU policy) to round-off, fp32 (the
     CUDA policy) to ~1e-6 relative, far below the bf16 rounding the fused weights then receive."""
     from streamquant.rotate.model import rotate_block
 
     spec, w, r1, r2 = _rotation_case(tiny_models["qwen2"])      # qwen2: biases on q/k/v, GQA, head_dim 20
     w = {k: v.double() for k, v in w.items()}                   # isolate the fusion's error from the storage dtype
-    fused = rotate_block(w, spec, r1, r2, r4_seed=5, dtype=dtype)
-    for name, ref in _dense_rotated_block(w, spec, r1, r2, 5).items():
+    fused = rotate_block(w, spec, r1, r2, r4_seed=5, dtype=dtype, o_seed=o_seed)
+    for name, ref in _dense_rotated_block(w, spec, r1, r2, 5, o_seed).items():
         err = (fused[name] - ref).abs().max() / ref.abs().max()
         assert err <= tol, (name, float(err))
     assert torch.equal(fused["input_layernorm.weight"], torch.ones_like(w["input_layernorm.weight"]))

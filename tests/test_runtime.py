@@ -56,6 +56,18 @@ def test_r4_is_applied_to_down_proj_input_as_its_matrix(setup):
     assert all(q.transform is None for n, q in qlinears(layer, spec.arch).items() if n != "mlp.down_proj")
 
 
+def test_o_online_is_applied_to_o_proj_input_as_its_matrix(setup):
+    spec, engine, weights, _ = setup
+    layer = install_runtime(engine.build_layer(0, weights), spec, Runtime(r4_seed=9, o_seed=5))
+    o_proj = qlinears(layer, spec.arch)["self_attn.o_proj"]
+    n = spec.num_heads * spec.head_dim
+    x = torch.randn(5, n, dtype=torch.float32)
+    dense = x.double() @ OnlineHadamard(n, 5).matrix() @ weights["self_attn.o_proj.weight"].double().T
+    assert torch.allclose(o_proj(x).double(), dense, atol=1e-5)
+    assert {n for n, q in qlinears(layer, spec.arch).items() if q.transform is not None} == {"self_attn.o_proj",
+                                                                                             "mlp.down_proj"}
+
+
 def test_r3_cancels_in_attention_scores(setup):
     """R3 rotates Q and K after RoPE by the same orthogonal matrix: QKᵀ, hence the block output, is unchanged."""
     spec, engine, weights, hidden = setup
@@ -78,3 +90,6 @@ def test_activation_quantizer_feeds_each_linear_16_levels_per_token(setup):
 def test_runtime_round_trips_through_json():
     rt = Runtime(r3_seed=3, r4_seed=4, act=ActQuantConfig(bits=4, clip_ratio=0.9), kv_bits=4, kv_clip=0.95)
     assert Runtime.from_json(json.loads(json.dumps(rt.to_json()))) == rt
+    rt_o = Runtime(r4_seed=4, act=ActQuantConfig(bits=4), o_seed=5)
+    assert Runtime.from_json(json.loads(json.dumps(rt_o.to_json()))) == rt_o
+    assert "o_seed" not in rt.to_json()   # off: the JSON of outputs written before it existed

@@ -1,6 +1,7 @@
 """The incremental checkpoint: loadable W4A16 export, resume after SIGKILL is byte-identical, partial never passes."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -56,16 +57,20 @@ def test_w4a16_loads_in_transformers(tiny_models, eval_text, tmp_path, arch, ext
     assert "compressed" in AutoModelForCausalLM.from_pretrained(out).config.quantization_config.quant_method
 
 
-def test_w4a4_output_evaluates_like_the_run(tiny_models, eval_text, tmp_path):
-    """The streamquant format (online R3/R4, act/KV quantizers) reloads to the PPL the run measured in-pass."""
+@pytest.mark.parametrize("extra", [[], ["--o-online"]])
+def test_w4a4_output_evaluates_like_the_run(tiny_models, eval_text, tmp_path, extra):
+    """The streamquant format (online R3/R4 and o_proj's Hadamard, act/KV quantizers) reloads to the PPL the run
+    measured in-pass."""
     out = tmp_path / "w4a4"
     res = run_cli(*run_args(tiny_models["mistral"], out, "--a-bits", "4", "--kv-bits", "4", "--weights", "gptq",
-                            "--eval", str(eval_text), "--eval-windows", "3", "--json"))
+                            "--eval", str(eval_text), "--eval-windows", "3", "--json", *extra))
     assert res.returncode == 0, res.stderr
     run_ppl = last_json(res.stdout)["ppl"]
     ev = run_cli("eval", str(out), "--data", str(eval_text), "--seqlen", "48", "--windows", "3", "--json")
     assert ev.returncode == 0, ev.stderr
     assert abs(last_json(ev.stdout)["ppl"] - run_ppl) <= 1e-5 * run_ppl
+    runtime = json.loads((out / "config.json").read_text())["streamquant"]["runtime"]
+    assert ("o_seed" in runtime) == bool(extra)   # the reload applied what the run did, not just the same nothing
 
 
 @pytest.fixture(scope="module")

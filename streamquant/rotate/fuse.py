@@ -1,4 +1,4 @@
-"""Folding RMSNorm scales and the rotations R1, R2, R4 into weights (pure tensor functions, computed in fp64).
+"""Folding RMSNorm scales and the rotations R1, R2, R4 (and o_proj's online Hadamard) into weights (pure tensor functions, computed in fp64).
 
 Conventions: activations are row vectors and a Linear computes y = x Wᵀ + b with W [out, in].
 - Input side of a rotation R (the layer now receives x R):  W <- W R.
@@ -105,6 +105,15 @@ def fuse_r4(weights: Weights, hadamard: Callable[[torch.Tensor], torch.Tensor], 
     for name in arch.r4_names:   # one down_proj, or every expert's
         if f"{name}.weight" in w:
             w[f"{name}.weight"] = hadamard(w[f"{name}.weight"])
+    return w
+
+
+def fuse_o(weights: Weights, hadamard: Callable[[torch.Tensor], torch.Tensor], arch: ArchMap) -> Weights:
+    """o_proj receives x H_o online, after R2 (QuaRot's out_proj Hadamard: it mixes heads, which the per-head R2
+    cannot, so one head's outliers spread over all before the per-token quantizer), so its weight takes W H_o."""
+    w = dict(weights)
+    if f"{arch.r2_output}.weight" in w:
+        w[f"{arch.r2_output}.weight"] = hadamard(w[f"{arch.r2_output}.weight"])
     return w
 
 

@@ -12,7 +12,7 @@ from streamquant.kernels.hadamard import OnlineHadamard
 from streamquant.device import full_fp32_matmuls, rotation_dtype
 from streamquant.qblock import Runtime, install_runtime, qlinears
 from streamquant.quant.quantizers import WeightQuantConfig, dequantize_weight, quantize_weight
-from streamquant.rotate.fuse import fuse_embedding, fuse_head, fuse_norms, fuse_r1, fuse_r2, fuse_r4
+from streamquant.rotate.fuse import fuse_embedding, fuse_head, fuse_norms, fuse_o, fuse_r1, fuse_r2, fuse_r4
 from streamquant.shards import BlockPrefetcher, ShardIndex
 from streamquant.spec import ModelSpec
 from streamquant.stream import Engine, to_device_ahead
@@ -29,13 +29,15 @@ class Rotations:
 
 def rotate_block(weights: dict[str, torch.Tensor], spec: ModelSpec, r1: torch.Tensor | None,
                  r2: torch.Tensor | None, r4_seed: int | None, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None, linears: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+                 dtype: torch.dtype | None = None, linears: tuple[str, ...] | None = None,
+                 o_seed: int | None = None) -> dict[str, torch.Tensor]:
     """Exact (function-preserving) rewrite of one block's weights, one Linear at a time and cast back once, so the
     working set is one matrix (1.9 GB in fp64 for a 70B down_proj), not the block (6.9 GB). `linears` limits the
     rewrite to those (the norms and pass-through tensors come along).
 
     The result lands on `device` (default: the CPU) in the stored dtypes, computed in `dtype` (default: the
-    policy's rotation_dtype for that device); on CUDA each Linear's copy overlaps the previous one's fusion."""
+    policy's rotation_dtype for that device); on CUDA each Linear's copy overlaps the previous one's fusion.
+    `o_seed`: o_proj's online Hadamard (Runtime.o_seed), fused after R2."""
     arch = spec.arch
     device = torch.device("cpu") if device is None else device
     dtype = rotation_dtype(device) if dtype is None else dtype
@@ -45,6 +47,7 @@ def rotate_block(weights: dict[str, torch.Tensor], spec: ModelSpec, r1: torch.Te
     r1 = None if r1 is None else r1.to(device=device, dtype=dtype)
     r2 = None if r2 is None else r2.to(device=device, dtype=dtype)
     r4 = OnlineHadamard(spec.dims()[arch.linear(arch.r4).inp], r4_seed) if r4_seed is not None else None
+    ho = OnlineHadamard(spec.dims()[arch.linear(arch.r2_output).inp], o_seed) if o_seed is not None else None
     parts = ({k: v for k, v in weights.items() if k.startswith(linear + ".")} for linear in arch.linear_names
              if linears is None or linear in linears)
     with full_fp32_matmuls():
@@ -57,6 +60,8 @@ def rotate_block(weights: dict[str, torch.Tensor], spec: ModelSpec, r1: torch.Te
                 w = fuse_r2(w, r2, spec)
             if r4 is not None:
                 w = fuse_r4(w, r4, arch)
+            if ho is not None:
+                w = fuse_o(w, ho, arch)
             out |= {k: w[k].to(weights[k].dtype).contiguous() for k in part}
     return out
 
@@ -95,7 +100,8 @@ class RotatedSource:
             for i, weights in prefetcher.blocks():
                 r2 = None if self.rot.r2 is None else self.rot.r2[i]
                 layer = build_rotated_layer(engine, i, rotate_block(weights, self.spec, self.rot.r1, r2,
-                                                                    self.rot.runtime.r4_seed, engine.device),
+                                                                    self.rot.runtime.r4_seed, engine.device,
+                                                                    o_seed=self.rot.runtime.o_seed),
                                             self.rot.runtime)
                 del weights
                 if self.weight_cfg is not None:
