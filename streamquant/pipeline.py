@@ -101,7 +101,8 @@ class Stats:
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time the enclosed work as `name` and record its peaks: host RSS high-water mark so far, GPU allocated
-        since the last stage; then hand what it freed back to the OS before the next stage allocates."""
+        since the last stage; then, outside a block, hand what it freed back to the OS before the next stage
+        allocates."""
         if self.on_stage is not None:
             self.on_stage(name, None)
         t0 = time.perf_counter()
@@ -118,7 +119,8 @@ class Stats:
         peak["gpu_reserved_bytes"] = max(peak["gpu_reserved_bytes"], peak_gpu_reserved_bytes(self.device))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        release_host_memory()
+        if self.block is None:   # a block's stages reuse each other's heap; the block's end trims it once
+            release_host_memory()
 
     def end_block(self, prefetch: BlockPrefetcher, i: int, gptq_loss: dict[str, float]) -> None:
         """Close block i's record: compute seconds beside the shard read and the share of it hidden behind compute."""

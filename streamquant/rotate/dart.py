@@ -158,7 +158,9 @@ class RotationTrainResult:
 # n×n QR, so the 1,820 steps of 64 rows it took before cost SmolLM2 47–70 s, against ~11 s now. On the quality
 # protocol (benchmarks/RESULTS.md) the large steps measured W4A4 GPTQ 43.91 PPL against 46.05 (QuaRot 48.97), W4A4
 # RTN 144.5 (QuaRot 219.8), and W4A16 GPTQ within noise of the small steps (29.97 against 29.62, asymmetric).
-R1_CONFIG = RotationTrainConfig(epochs=10, batch_size=64, batches_per_epoch=10)
+# The reported init/final losses are estimates over 8,192 evenly strided reservoir rows (every layer and side):
+# over 65,536 the two evaluations cost SmolLM2 ~0.9 s of its ~6 s R1 stage, for a number only report.json reads.
+R1_CONFIG = RotationTrainConfig(epochs=10, batch_size=64, batches_per_epoch=10, eval_rows=8192)
 # R2 likewise takes a fixed 8 steps per epoch, its lr 1e-3 scaled with the batch, so the same epochs travel about as
 # far: SmolLM2 at 16 × 512 (8,192 token rows, 24,576 head rows per KV head) takes 40 steps of ~308 rows at lr 2.4e-3
 # instead of 100 of 128 at 1e-3; on its o_proj inputs (every third layer) the whip loss falls to 0.986 of the
