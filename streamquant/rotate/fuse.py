@@ -1,4 +1,5 @@
-"""Folding RMSNorm scales and the rotations R1, R2, R4 (and o_proj's online Hadamard) into weights (pure tensor functions, computed in fp64).
+"""Folding RMSNorm scales and the rotations R1, R2, R4 (and o_proj's online Hadamard) into weights (pure tensor
+functions, computed in fp64).
 
 Conventions: activations are row vectors and a Linear computes y = x Wᵀ + b with W [out, in].
 - Input side of a rotation R (the layer now receives x R):  W <- W R.
