@@ -44,9 +44,11 @@ class Runtime:
         d = {"r3_seed": self.r3_seed, "r4_seed": self.r4_seed, "a_bits": self.act.bits,
              "a_clip": self.act.clip_ratio, "a_symmetric": self.act.symmetric,
              "kv_bits": self.kv_bits, "kv_clip": self.kv_clip}
-        # absent when off: older outputs read the same
-        return d | ({"r4_stored": True} if self.r4_stored else {}) | ({"o_seed": self.o_seed} if self.o_seed is not None
-                                                                       else {})
+        if self.r4_stored:   # these two are absent when off: older outputs read the same
+            d["r4_stored"] = True
+        if self.o_seed is not None:
+            d["o_seed"] = self.o_seed
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "Runtime":

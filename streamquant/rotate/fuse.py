@@ -100,21 +100,16 @@ def _with_value_rows(t: torch.Tensor, start: int, rows: torch.Tensor) -> torch.T
     return torch.cat([t[:start], rows, t[start + rows.shape[0]:]])
 
 
-def fuse_r4(weights: Weights, hadamard: Callable[[torch.Tensor], torch.Tensor], arch: ArchMap) -> Weights:
-    """down_proj receives x H4 online at run time, so its weight takes W H4 (applied to rows by the same transform)."""
+def fuse_online_input(weights: Weights, hadamard: Callable[[torch.Tensor], torch.Tensor],
+                      names: tuple[str, ...]) -> Weights:
+    """These linears receive x H online at run time, so their weights take W H (applied to rows by the same
+    transform): R4 on down_proj (`arch.r4_names`: one, or every expert's), and o_proj's Hadamard across heads after
+    R2 (QuaRot's out_proj transform: it mixes heads, which the per-head R2 cannot, so one head's outliers spread over
+    all before the per-token quantizer)."""
     w = dict(weights)
-    for name in arch.r4_names:   # one down_proj, or every expert's
+    for name in names:
         if f"{name}.weight" in w:
             w[f"{name}.weight"] = hadamard(w[f"{name}.weight"])
-    return w
-
-
-def fuse_o(weights: Weights, hadamard: Callable[[torch.Tensor], torch.Tensor], arch: ArchMap) -> Weights:
-    """o_proj receives x H_o online, after R2 (QuaRot's out_proj Hadamard: it mixes heads, which the per-head R2
-    cannot, so one head's outliers spread over all before the per-token quantizer), so its weight takes W H_o."""
-    w = dict(weights)
-    if f"{arch.r2_output}.weight" in w:
-        w[f"{arch.r2_output}.weight"] = hadamard(w[f"{arch.r2_output}.weight"])
     return w
 
 

@@ -12,7 +12,7 @@ from streamquant.kernels.hadamard import OnlineHadamard
 from streamquant.device import full_fp32_matmuls, rotation_dtype
 from streamquant.qblock import Runtime, install_runtime, qlinears
 from streamquant.quant.quantizers import WeightQuantConfig, dequantize_weight, quantize_weight
-from streamquant.rotate.fuse import fuse_embedding, fuse_head, fuse_norms, fuse_o, fuse_r1, fuse_r2, fuse_r4
+from streamquant.rotate.fuse import fuse_embedding, fuse_head, fuse_norms, fuse_online_input, fuse_r1, fuse_r2
 from streamquant.shards import BlockPrefetcher, ShardIndex
 from streamquant.spec import ModelSpec
 from streamquant.stream import Engine, to_device_ahead
@@ -59,9 +59,9 @@ def rotate_block(weights: dict[str, torch.Tensor], spec: ModelSpec, r1: torch.Te
             if r2 is not None:
                 w = fuse_r2(w, r2, spec)
             if r4 is not None:
-                w = fuse_r4(w, r4, arch)
+                w = fuse_online_input(w, r4, arch.r4_names)
             if ho is not None:
-                w = fuse_o(w, ho, arch)
+                w = fuse_online_input(w, ho, (arch.r2_output,))
             out |= {k: w[k].to(weights[k].dtype).contiguous() for k in part}
     return out
 
