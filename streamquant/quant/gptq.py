@@ -39,7 +39,7 @@ from torch import Tensor
 from .quantizers import (
     WeightQuantConfig,
     code_dtype,
-    dequantize_from_grid_,
+    dequantize_from_grid,
     dequantize_weight,
     quantize_to_grid,
     weight_qparams,
@@ -257,44 +257,47 @@ class GPTQ:
         out_features, columns = W.shape
         group_size = cfg.group_size
         grouped = group_size != -1
-        codes = torch.zeros_like(W)
+        # Codes, errors and the grid are held a row per column (transposed), so every per-column step works on
+        # contiguous memory: a column of a row-major [out, in] matrix is a strided view, and each elementwise op on
+        # it takes TensorIterator's slow path (per block ~15 % of a small layer's solve).
+        codes_t = torch.empty(columns, out_features, device=self.device)
+        scales_t, zeros_t = scales.t().contiguous(), zeros.t().contiguous()
         losses = torch.zeros(out_features, device=self.device)
 
         for i1 in range(0, columns, block_size):
             i2 = min(i1 + block_size, columns)
             count = i2 - i1
-            W1 = W[:, i1:i2]          # not updated within the block: each column takes its updates when reached
-            C1 = torch.zeros_like(W1)
+            W1t = W[:, i1:i2].t().contiguous()   # not updated within the block: each column takes its updates when reached
+            C1t = codes_t[i1:i2]
             ErrT = torch.zeros(count, out_features, device=self.device)   # the block's errors, a row per column
             Hinv1 = Hinv[i1:i2, i1:i2]
 
             for i in range(count):
                 col = i1 + i
-                # column i with the errors of the block's earlier columns pushed on: one matrix-vector product
-                # reads i error columns, where updating every later column at every step rewrote the block
-                w = W1[:, i] - ErrT[:i].t() @ Hinv1[:i, i] if i else W1[:, i]
+                # column i with the errors of the block's earlier columns pushed on: one vector-matrix product
+                # reads i error rows, where updating every later column at every step rewrote the block
+                w = W1t[i] - Hinv1[:i, i] @ ErrT[:i] if i else W1t[i]
                 d = Hinv1[i, i]
 
                 if grouped and not static_groups and col % group_size == 0:
                     g = col // group_size
-                    group = W1[:, i : i + group_size] - ErrT[:i].t() @ Hinv1[:i, i : i + group_size]
+                    group = W[:, col : col + group_size] - ErrT[:i].t() @ Hinv1[:i, i : i + group_size]
                     s, z = weight_qparams(group, _per_channel(cfg), scale_dtype=scale_dtype)
                     scales[:, g] = s[:, 0].float()
                     zeros[:, g] = z[:, 0].float()
+                    scales_t[g], zeros_t[g] = scales[:, g], zeros[:, g]
 
                 g = col_group[col]
-                s, z = scales[:, g], zeros[:, g]
-                c = quantize_to_grid(w, s, z, cfg.bits, cfg.symmetric)
-                C1[:, i] = c
+                s, z = scales_t[g], zeros_t[g]
+                c = quantize_to_grid(w, s, z, cfg.bits, cfg.symmetric, out=C1t[i])
                 # (w − ŵ) / d straight into the error row: the loop runs once per column, and its dispatches are
                 # most of a small layer's solve
-                torch.sub(w, dequantize_from_grid_(c, s, z), out=ErrT[i]).div_(d)
+                torch.sub(w, dequantize_from_grid(c, s, z), out=ErrT[i]).div_(d)
 
-            codes[:, i1:i2] = C1
             Err1 = ErrT.t().contiguous()            # a column per scanned column, once per block
             losses += Err1.square().sum(1) / 2      # Σ ((w − ŵ)/d)² / 2 over the block's columns
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-        return codes, losses
+        return codes_t.t().contiguous(), losses
 
     @staticmethod
     def _damped_cholesky(H: Tensor, damp: float) -> Tensor:

@@ -154,15 +154,18 @@ def qparams_from_minmax(
     return scale.to(out_dtype), zero.to(out_dtype)
 
 
-def quantize_to_grid(x: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool) -> Tensor:
+def quantize_to_grid(x: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool, *,
+                     out: Tensor | None = None) -> Tensor:
     """Integer codes (as float in the compute dtype) ``clamp(round(x / scale) + zero)``; broadcasts.
 
-    The steps after the division run in its buffer: this runs on every linear input of every block pass (fake-quant
-    activations, a 70B down_proj micro-batch is ~120 MB) and once per GPTQ column, and a fresh tensor per step is a
-    fresh page-faulted mapping for large ones, one more dispatch for small ones. ``zero`` has ``scale``'s dtype (as
-    every qparams function returns them), so ``x / scale`` already holds the promoted result."""
+    The steps after the division run in its buffer (``out`` when given, e.g. a row of GPTQ's code block): this runs
+    on every linear input of every block pass (fake-quant activations, a 70B down_proj micro-batch is ~120 MB) and
+    once per GPTQ column, and a fresh tensor per step is a fresh page-faulted mapping for large ones, one more
+    dispatch for small ones. ``zero`` has ``scale``'s dtype (as every qparams function returns them), so
+    ``x / scale`` already holds the promoted result. A symmetric grid's zero is 0 and is not added."""
     qmin, qmax = code_range(bits, symmetric)
-    return (x / scale).round_().add_(zero).clamp_(qmin, qmax)
+    q = torch.div(x, scale, out=out).round_() if out is not None else (x / scale).round_()
+    return (q if symmetric else q.add_(zero)).clamp_(qmin, qmax)
 
 
 def dequantize_from_grid(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
