@@ -183,6 +183,8 @@ class Group(Solo):
 
     def reduce_hessian(self, gptq) -> None:
         self.sum_(gptq.S)
+        if gptq.D is not None:
+            self.sum_(gptq.D)
         n = torch.tensor([gptq.n_samples], dtype=torch.int64)
         gptq.n_samples = int(self.sum_(n)[0])
 

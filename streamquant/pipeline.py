@@ -82,6 +82,10 @@ class Hooks:
         self.handles.clear()
 
 
+def _add_pair(gptq: GPTQ, pair: tuple[torch.Tensor, torch.Tensor]) -> None:
+    gptq.add_batch(*pair)
+
+
 def _token_subset(total: int, count: int, gen: torch.Generator) -> torch.Tensor:
     count = min(total, count)
     return torch.randperm(total, generator=gen)[:count].sort().values
@@ -438,13 +442,17 @@ class Pipeline:
 
     def hessians(self, layer: nn.Module, hooks: Hooks, groups: list[int]) -> dict[int, GPTQ]:
         """GPTQ accumulators hooked on the inputs of these GPTQ groups; each sees exactly what its linears' matmuls
-        see (after R4 and the act quantizer)."""
+        see (after R4 and the act quantizer), and with --asym-calib also the input before the act quantizer, whose
+        output GPTQ then reproduces."""
         order = self.arch.gptq_order
         out = {}
         for g in groups:
             first = layer.get_submodule(order[g][0])
-            out[g] = GPTQ(first.in_features, device=self.device)
-            hooks.each_input(first, out[g].add_batch, transform=QLinear.quantized_input)
+            out[g] = GPTQ(first.in_features, device=self.device, targets=self.cfg.asym_calib)
+            if self.cfg.asym_calib:   # (quantized input, input before the activation quantizer) pairs
+                hooks.each_input(first, partial(_add_pair, out[g]), transform=QLinear.input_and_target)
+            else:
+                hooks.each_input(first, out[g].add_batch, transform=QLinear.quantized_input)
         return out
 
     def quantize_block(self, layer: nn.Module, hidden: torch.Tensor | None, early: dict[int, GPTQ]
@@ -518,6 +526,7 @@ class Pipeline:
             "model": str(p.model_dir), "method": cfg.method, "weights": cfg.weights, "w_bits": cfg.w_bits,
             "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits, "group_size": cfg.group_size, "w_symmetric": cfg.w_symmetric,
             "act_order": cfg.act_order, "w_clip": cfg.w_clip, "hessians": cfg.hessians, "calib_acts": cfg.calib_acts,
+            "asym_calib": cfg.asym_calib,
             "samples": cfg.samples,
             "seqlen": cfg.seqlen, "seed": cfg.seed, "device": str(self.device), "format": p.format.name,
             "dtype": str(p.dtype).removeprefix("torch."), "micro_batch": self.engine.micro_batch,

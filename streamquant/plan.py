@@ -47,6 +47,7 @@ class Workload:
     w_asym: bool = False              # asymmetric weights also store packed zero points
     r4_stored: bool = False           # compressed-tensors export with R4 online: a dense fp32 R4 per block
     one_pass_hessians: bool = False   # GPTQ: every group's Hessian filled in one pass, so all are held at once
+    asym_calib: bool = False          # GPTQ with targets: a second in×in matrix beside each Hessian
     ranks: int = 1                    # torchrun processes: a rank holds its share of the windows, all sampled rows
 
     def share(self, windows: int) -> int:
@@ -206,26 +207,38 @@ def _weight_quant_moments(spec, work: Workload, block: int, forward: int, stored
     if work.weights != "gptq":
         return [Moment(block + 2 * widest * 4, stored)]
     hessian = max(h * h, i * i) * 4   # H; the hook's fp32 input copy fits in the act envelope (act/up are freed by then)
-    # GPTQ.quantize scans a group's stacked rows (q/k/v, gate/up) at once: the stacked copy in the block dtype, and at
-    # the Cholesky H (in the sum's memory) and L beside the fp32 work copy W; later one inverse factor beside W, the
-    # codes and the result (measured per linear at in 8192 and 14336 to within 2 %; stacked rows not re-measured)
+    # GPTQ.quantize scans a group's stacked rows (q/k/v, gate/up) at once (_solve_bytes; measured per linear at in
+    # 8192 and 14336 to within 2 %; stacked rows not re-measured)
     dims = spec.dims()
     shape = {lin.name: (dims[lin.out], dims[lin.inp]) for lin in spec.arch.linears}
     stacked = max(sum(shape[n][0] for n in group) * shape[group[0]][1] for group in spec.arch.gptq_order)
-    solve = stacked * b + max(2 * hessian + stacked * 4, hessian + 3 * stacked * 4)
+    held = 2 if work.asym_calib else 1   # --asym-calib: the target cross term D beside each Hessian
+    solve = _solve_bytes(stacked, hessian, b, work.asym_calib)
     stage = spec.arch.gptq_stage
     if not work.one_pass_hessians and len(set(stage)) == len(stage):
-        return [Moment(block + forward + hessian, stored), Moment(block + solve, stored)]
+        return [Moment(block + forward + held * hessian, stored), Moment(block + solve, stored)]
     # a pass fills the Hessians of every group (one-pass) or of a stage's groups (a MoE block's experts); each is
     # freed by its own solve, so the groups after the one being solved that the same pass filled are still held
     groups = [(sum(shape[n][0] for n in group) * shape[group[0]][1], shape[group[0]][1] ** 2 * 4)
               for group in spec.arch.gptq_order]
     filled = [[g2 for g2 in range(len(groups)) if work.one_pass_hessians or stage[g2] == stage[g]]
               for g in range(len(groups))]
-    passes = max(sum(groups[g2][1] for g2 in same) for same in filled)
-    solves = [rows * b + max(2 * hg + rows * 4, hg + 3 * rows * 4) + sum(groups[g2][1] for g2 in same if g2 > g)
+    passes = max(sum(held * groups[g2][1] for g2 in same) for same in filled)
+    solves = [_solve_bytes(rows, hg, b, work.asym_calib) + sum(held * groups[g2][1] for g2 in same if g2 > g)
               for g, ((rows, hg), same) in enumerate(zip(groups, filled))]
     return [Moment(block + forward + passes, stored), Moment(block + max(solves), stored)]
+
+
+def _solve_bytes(weights: int, hessian: int, b: int, targets: bool) -> int:
+    """One GPTQ.quantize of `weights` elements (a group's stacked rows) against an in×in fp32 `hessian`: the stacked
+    copy in the block dtype; at the Cholesky H (in the sum's memory) and L beside the fp32 work copy W, later one
+    inverse factor beside W, the codes and the result. With targets, first the least-squares start: H, D, H's damped
+    copy and its factor beside W, then D's product with W and its solve (two transposed copies)."""
+    w4 = weights * 4
+    solve = max(2 * hessian + w4, hessian + 3 * w4)
+    if targets:
+        solve = max(solve, 4 * hessian + w4, 3 * hessian + 4 * w4)
+    return weights * b + solve
 
 
 def _rotate_moment(spec, stored: int, compute: int, widest: int, on_gpu: bool) -> Moment:

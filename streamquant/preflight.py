@@ -57,6 +57,7 @@ class RunConfig:
     a_symmetric: bool = False         # symmetric per-token activations (what compressed-tensors/vLLM int8 express)
     r4_online: bool = False           # compressed-tensors formats: R4 online (transform_config), its inverse fused
     o_online: bool = False            # an online Hadamard on o_proj's input, across heads (streamquant format)
+    asym_calib: bool = False          # GPTQ reproduces the output on the input before the activation quantizer
     calib: str = "default"
     samples: int = 128
     seqlen: int = 2048
@@ -103,6 +104,12 @@ class RunConfig:
             raise UserError("--r4-online needs a rotation (--method dart or quarot): R4's inverse is fused with them")
         if self.o_online and self.method == "none":
             raise UserError("--o-online needs a rotation (--method dart or quarot); --method none is the plain model")
+        if self.asym_calib and not (self.weights == "gptq" and self.w_bits < 16 and self.a_bits < 16):
+            raise UserError("--asym-calib needs GPTQ weights and quantized activations (--weights gptq, --w-bits and "
+                            "--a-bits below 16): it makes GPTQ undo the activation quantizer's error")
+        if self.asym_calib and self.calib_acts == "full":
+            raise UserError("--asym-calib and --calib-acts full exclude each other: GPTQ either reproduces the output "
+                            "on the unquantized input from the quantized one (--asym-calib) or sees unquantized inputs")
         fmt = self.resolved_format
         if fmt in COMPRESSED_TENSORS:
             self._check_compressed_tensors(fmt)
@@ -165,7 +172,7 @@ class RunConfig:
                         r1_reservoir_bytes=self.r1_reservoir_bytes, r2_tokens=self.r2_tokens, text_bytes=max(texts),
                         held_text_bytes=int(calib_bytes * (1 + 8 / BYTES_PER_TOKEN)),
                         group_size=self.group_size, w_asym=not self.w_symmetric,
-                        one_pass_hessians=self.hessians == "one-pass",
+                        one_pass_hessians=self.hessians == "one-pass", asym_calib=self.asym_calib,
                         r4_stored=self.r4_online and self.method != "none"
                         and self.resolved_format in COMPRESSED_TENSORS)
 

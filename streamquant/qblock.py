@@ -90,9 +90,13 @@ class QLinear(nn.Module):
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """Exactly what the matmul sees (GPTQ builds its Hessian from this)."""
+        return self.input_and_target(x)[0]
+
+    def input_and_target(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the matmul sees, and what it would see without the activation quantizer (--asym-calib's target)."""
         if self.transform is not None:
             x = self.transform(x)
-        return fake_quantize_activation(x, self.act)
+        return fake_quantize_activation(x, self.act), x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantized_input(x), self.weight, self.bias)

@@ -21,10 +21,11 @@ from streamquant.preflight import RunConfig
 HESSIANS_AUTO = "auto"              # preset marker: one-pass GPTQ Hessians with a rotation, sequential without
 W_CLIP_AUTO = "auto"                # preset marker: the MSE clip search for GPTQ weights without a rotation only
 O_ONLINE_AUTO = "auto"              # preset marker: o_proj's online Hadamard with a rotation, in the streamquant format
+ASYM_CALIB_AUTO = "auto"            # preset marker: asymmetric calibration where GPTQ weights meet quantized activations
 AUTO_GROUP = 0                      # preset marker: the largest of GROUP_CHOICES that divides every linear input
 GROUP_CHOICES = (128, 64, 32)
 PRESET_KEYS = ("method", "w_bits", "a_bits", "kv_bits", "weights", "group_size", "w_symmetric", "act_order", "w_clip",
-               "hessians", "calib_acts", "o_online")
+               "hessians", "calib_acts", "o_online", "asym_calib")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Scheme:
     hessians: str = "sequential"
     calib_acts: str = "quantized"
     o_online: bool | str = False
+    asym_calib: bool | str = False
 
 
 SCHEMES = {s.name: s for s in (
@@ -96,6 +98,7 @@ class Choice:
                                          ("act-order", cfg.act_order and cfg.weights == "gptq"),
                                          ("MSE-clipped", cfg.w_clip),
                                          ("one-pass Hessians", cfg.hessians == "one-pass" and cfg.weights == "gptq"),
+                                         ("asymmetric calibration", cfg.asym_calib),
                                          ("full-precision calibration", cfg.calib_acts == "full" and cfg.a_bits < 16))
                    if on]
         w = "16-bit weights" if cfg.w_bits >= 16 else " ".join([f"W{cfg.w_bits} {cfg.weights.upper()} {group}", *options])
@@ -147,6 +150,9 @@ def build_config(cfg: RunConfig, scheme: str | None, given: dict[str, Any]) -> t
         values["hessians"] = "sequential" if values["method"] == "none" else "one-pass"
     if values["w_clip"] == W_CLIP_AUTO:
         values["w_clip"] = values["method"] == "none" and values["weights"] == "gptq"
+    if values["asym_calib"] == ASYM_CALIB_AUTO:
+        values["asym_calib"] = (values["weights"] == "gptq" and values["w_bits"] < 16 and values["a_bits"] < 16
+                                and values["calib_acts"] == "quantized")
     if values["o_online"] == O_ONLINE_AUTO:   # (no rotation: the plain model; compressed-tensors: not expressible)
         values["o_online"] = values["method"] != "none" and cfg.format in ("auto", "streamquant")
     return replace(cfg, **values, **(preset.export if source == "--scheme" else {})), Choice(preset.name, source, note)

@@ -511,3 +511,79 @@ def test_mse_clip_with_act_order_uses_static_searched_groups(symmetric):
     assert int(res.q.min()) >= qmin and int(res.q.max()) <= qmax
     assert torch.equal(dequantize_weight(res.q, res.scale, res.zero, 16), res.weight)
     assert _output_error(x, w, res.weight) < _output_error(x, w, fake_quantize_weight(w, cfg))
+
+
+# ------------------------------------------------------------------------------- (e) targets (asymmetric calibration)
+
+
+def _targets(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """What the inputs should have been: x with a systematic distortion (as a clipping activation quantizer leaves)
+    and some noise, so the best weights on x differ from the given ones by far more than a grid step."""
+    g = torch.Generator().manual_seed(seed)
+    return x + 0.3 * x.clamp(-1, 1) + 0.05 * torch.randn(x.shape, generator=g)
+
+
+def _target_error(t: torch.Tensor, x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """‖T Wᵀ − X Ŵᵀ‖ / ‖T Wᵀ‖ in fp64."""
+    want = t.double() @ w.double().T
+    return float((want - x.double() @ w_hat.double().T).norm() / want.norm())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_targets_equal_to_the_inputs_change_nothing(act_order):
+    x = _correlated_inputs(512, 32, seed=21)
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(21))
+    cfg = WeightQuantConfig(bits=4, group_size=8)
+    g, g_plain = GPTQ(32, targets=True), GPTQ(32)
+    for part in x.split(100):
+        g.add_batch(part, part.clone())
+        g_plain.add_batch(part)
+    same, plain = g.quantize(w, cfg, act_order=act_order), g_plain.quantize(w, cfg, act_order=act_order)
+    assert torch.equal(plain.q, same.q) and torch.equal(plain.scale, same.scale) and plain.loss == same.loss
+
+
+def test_targets_reach_the_dense_least_squares_optimum():
+    """At 8 bits the grid is fine enough that GPTQ with targets must land on the fp64 least-squares weights
+    argmin ‖T Wᵀ − X Vᵀ‖ (up to rounding), where plain GPTQ stays with W's output on X."""
+    torch.manual_seed(22)
+    x = torch.randn(4096, 48) * torch.linspace(0.2, 3.0, 48)
+    t = _targets(x, 22)
+    w = torch.randn(16, 48)
+    cfg = WeightQuantConfig(bits=8)
+    g = GPTQ(48, targets=True)
+    for xs, ts in zip(x.split(1000), t.split(1000)):
+        g.add_batch(xs, ts)
+    with_targets = g.quantize(w, cfg, damp=1e-4)
+    _, plain = _gptq(x, w, cfg, damp=1e-4)
+    optimum = torch.linalg.lstsq(x.double(), t.double() @ w.double().T).solution.T
+    best = _target_error(t, x, w, optimum)
+    assert _target_error(t, x, w, with_targets.weight) < 1.03 * best
+    assert _target_error(t, x, w, plain.weight) > 1.5 * best
+    step = float(with_targets.scale.max())
+    assert float((with_targets.weight.double() - optimum).abs().max()) < 4 * step
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("group_size,act_order", [(-1, False), (16, True)])
+def test_targets_lower_the_output_error_at_4_bits(seed, group_size, act_order):
+    x = _correlated_inputs(2048, 32, seed=seed)
+    t = _targets(x, seed)
+    w = torch.randn(24, 32, generator=torch.Generator().manual_seed(100 + seed))
+    cfg = WeightQuantConfig(bits=4, group_size=group_size)
+    _, plain = _gptq(x, w, cfg, act_order=act_order)
+    g = GPTQ(32, targets=True)
+    g.add_batch(x, t)
+    with_targets = g.quantize(w, cfg, act_order=act_order)
+    assert _target_error(t, x, w, with_targets.weight) < _target_error(t, x, w, plain.weight)
+
+
+def test_targets_are_given_with_every_batch_or_never():
+    x = torch.randn(64, 16)
+    with pytest.raises(ValueError, match="target"):
+        GPTQ(16).add_batch(x, x)
+    with pytest.raises(ValueError, match="target"):
+        GPTQ(16, targets=True).add_batch(x)
+    g = GPTQ(16, targets=True)
+    g.add_batch(x, x)
+    with pytest.raises(ValueError, match="target"):
+        g.rotate_inputs(lambda s: s)

@@ -197,3 +197,47 @@ def test_full_precision_calibration_resume_after_sigkill_is_byte_identical(tiny_
     evaluation states with them quantized, as the uninterrupted run did (killed after block 2 of 4)."""
     assert_resume_after_sigkill_is_byte_identical(tiny_models["llama"], tmp_path,
                                                   [*W4_EXPLICIT, "--a-bits", "4", "--calib-acts", "full"])
+
+
+def _per_token_int4(t: torch.Tensor, clip: float = 0.9) -> torch.Tensor:
+    """The runtime's activation quantizer written out in fp64: per token, asymmetric, range [min, max] ∋ 0 times
+    the clip ratio, 15 steps, integer zero point."""
+    lo = t.amin(-1, keepdim=True).clamp(max=0) * clip
+    hi = t.amax(-1, keepdim=True).clamp(min=0) * clip
+    scale = (hi - lo) / 15
+    zero = torch.round(-lo / scale)
+    return (torch.clamp(torch.round(t / scale) + zero, 0, 15) - zero) * scale
+
+
+def test_asym_calib_reproduces_the_output_on_the_unquantized_input(tiny_models, tmp_path):
+    """--asym-calib: GPTQ fits the linear's output on its input before the activation quantizer, from the quantized
+    input. Checked on block 0's q/k/v of the plain model, whose inputs transformers' own forward gives: the run's
+    weights agree with GPTQ solved on that pair (the quantizer written out above), and a run without the option
+    does not."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_models["llama"]
+    calib = str(WIKITEXT / "valid.txt") if (WIKITEXT / "valid.txt").exists() else "default"
+    ids = calibration_windows(tokenize_in_pieces(load_tokenizer(model), read_text(calib)), 48, 6, 5)
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    attn = hf.model.layers[0].self_attn
+    seen = []
+    handle = attn.q_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        hf(ids)
+    handle.remove()
+    t = torch.cat(seen)
+    gptq = GPTQ(t.shape[1], targets=True)   # GPTQ's own algebra is checked against fp64 in test_gptq
+    gptq.add_batch(_per_token_int4(t.double()).float(), t)
+    names = ("q_proj", "k_proj", "v_proj")
+    stacked = torch.cat([getattr(attn, n).weight.data for n in names])
+    ref = gptq.quantize(stacked, WeightQuantConfig(bits=4, group_size=16, symmetric=True)).weight
+    reference = dict(zip((f"0.self_attn.{n}" for n in names), ref.split([getattr(attn, n).out_features for n in names])))
+    w4a4 = [*PLAIN_W4A16, "--a-bits", "4"]   # the later --a-bits wins
+    shares = {}
+    for name, extra in (("asym", ["--asym-calib"]), ("plain", ["--no-asym-calib"])):
+        out = tmp_path / name
+        res = run_cli(*run_args(model, out, *w4a4, "--hessians", "one-pass", *extra))
+        assert res.returncode == 0, res.stderr
+        shares[name] = agreement(out, model, reference)
+    assert shares["asym"] > 0.95 and shares["plain"] < 0.8, shares

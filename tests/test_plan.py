@@ -168,6 +168,9 @@ def test_disk_check_counts_free_space_and_what_a_killed_run_left(tmp_path):
 @pytest.mark.parametrize("bad,message", [
     (["--group-size", "7"], "--group-size 7 does not divide"),
     (["--calib", "no-such-file.txt"], "does not exist"),
+    (["--asym-calib", "--a-bits", "16"], "--asym-calib needs GPTQ weights and quantized activations"),
+    (["--asym-calib", "--a-bits", "4", "--weights", "rtn"], "--asym-calib needs GPTQ weights"),
+    (["--asym-calib", "--a-bits", "4", "--calib-acts", "full"], "exclude each other"),
 ])
 def test_bad_run_options_refused_before_the_output_exists(tiny_models, tmp_path, bad, message):
     out = tmp_path / "out"

@@ -23,6 +23,12 @@ deliberate choices:
   ``[out, in/g]`` scale layout that ``pack-quantized`` stores, and ``g_idx`` is None.
 * Within a lazy-update block each column gathers the errors of the block's earlier columns when it is reached (a
   matrix-vector product) instead of every later column of the block being rewritten at every step.
+* Targets (``GPTQ(n, targets=True)``, ``add_batch(x, t)``): the objective becomes ``‖W T − Ŵ X‖²``, the output the
+  Linear would give on inputs ``t`` (its input before the activation quantizer) from the inputs ``x`` it gets: the
+  objective of GPTAQ's asymmetric calibration (Li et al., 2025), reached another way. GPTAQ carries a second update
+  matrix through the scan; here the scan starts from the least-squares optimum of that objective
+  (``_toward_targets``), after which GPTQ's own updates keep the unquantized columns optimal for it: one solve up
+  front, the scan unchanged (tested against a dense fp64 least-squares solve).
 * Not in the reference: if the damped Hessian is not positive definite, dampening is raised (up to three times)
   before a ValueError; ``free_hessian=True`` lets the working copy reuse the Hessian's memory.
 """
@@ -95,7 +101,7 @@ class GPTQResult:
 class GPTQ:
     """Accumulates the Hessian of one Linear's inputs (on ``device``, default CPU), then quantizes its weight."""
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, in_features: int, device: torch.device | str | None = None, *, targets: bool = False) -> None:
         self.in_features = in_features
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         # Plain sum S = Σ x xᵀ over every token row, valid on and above the diagonal blocks (the rest is mirrored
@@ -106,6 +112,9 @@ class GPTQ:
         # fp64 sum by 6e-8 — all far below the 1e-2 · mean(diag H) dampening GPTQ adds, while fp64 would double
         # the largest GPTQ buffer (a 28672² S is 3.3 GB in fp32) and run at 1/32–1/64 speed on consumer GPUs.
         self.S: Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float32, device=self.device)
+        # With ``targets``: D = Σ (t − x) xᵀ over (input, target) pairs, the cross term of the asymmetric objective
+        # ‖W T − Ŵ X‖² (see ``quantize``). A second in×in matrix, so only when asked for.
+        self.D: Tensor | None = torch.zeros_like(self.S) if targets else None
         self.n_samples = 0
 
     @property
@@ -114,8 +123,10 @@ class GPTQ:
         return None if self.S is None else _mirror_upper_(self.S.clone()).mul_(2.0 / max(self.n_samples, 1))
 
     @torch.no_grad()
-    def add_batch(self, x: Tensor) -> None:
-        """Add inputs ``x [..., in_features]`` — exactly what the runtime feeds the Linear (rotated, quantized)."""
+    def add_batch(self, x: Tensor, target: Tensor | None = None) -> None:
+        """Add inputs ``x [..., in_features]`` — exactly what the runtime feeds the Linear (rotated, quantized) —
+        and optionally what it should have been fed (``target``, same shape: e.g. the input before the activation
+        quantizer), whose output the quantized Linear is then asked to reproduce."""
         if self.S is None:
             raise ValueError("GPTQ.add_batch called after free_hessian=True released the Hessian")
         if x.shape[-1] != self.in_features:
@@ -127,6 +138,11 @@ class GPTQ:
         xt = x.t()
         for i in range(0, self.in_features, _GRAM_BLOCK):   # S's upper block rows: [i:i+b, i:] += x[:, i:i+b]ᵀ x[:, i:]
             self.S[i : i + _GRAM_BLOCK, i:].addmm_(xt[i : i + _GRAM_BLOCK], x[:, i:])
+        if (target is None) != (self.D is None):
+            raise ValueError("GPTQ.add_batch: a target is required exactly when the GPTQ was made with targets=True")
+        if target is not None:
+            t = target.reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
+            self.D.addmm_((t - x).t(), x)
 
     @torch.no_grad()
     def rotate_inputs(self, rotate_gram: Callable[[Tensor], Tensor]) -> None:
@@ -134,6 +150,8 @@ class GPTQ:
         (dart's R2, learned from the same pass): ``rotate_gram`` maps the symmetric ``Σ x xᵀ`` to ``Rᵀ (Σ x xᵀ) R``."""
         if self.S is None:
             raise ValueError("GPTQ.rotate_inputs called after free_hessian=True released the Hessian")
+        if self.D is not None:
+            raise ValueError("GPTQ.rotate_inputs does not turn the target cross term")
         self.S = rotate_gram(_mirror_upper_(self.S)).to(device=self.device, dtype=torch.float32)
 
     @torch.no_grad()
@@ -173,6 +191,8 @@ class GPTQ:
         # Inputs that are always zero: their weights never matter; make H invertible there.
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
+        if self.D is not None:
+            W = self._toward_targets(W, H, damp)
         W[:, dead] = 0.0
 
         # Grids known up front: per channel, or static groups (contiguous groups of the original order).
@@ -234,6 +254,18 @@ class GPTQ:
                 f"group_size {cfg.group_size} does not divide in_features {columns} of a weight of shape "
                 f"[{out_features}, {columns}]"
             )
+
+    def _toward_targets(self, W: Tensor, H: Tensor, damp: float) -> Tensor:
+        """The weights the scan starts from under targets: the least-squares optimum of ``‖W T − V X‖² + λ‖V − W‖²``
+        (the same dampening as the scan's), ``V = W + W D (H + λI)⁻¹`` with ``D = 2/N Σ (t − x) xᵀ``. GPTQ's column updates keep the not-yet-quantized columns optimal for the objective
+        the current weights are optimal for, so starting from V they pursue the targets' output instead of the
+        inputs' (the asymmetric calibration of GPTAQ, Li et al. 2025, solved once up front where GPTAQ carries a
+        second update matrix through the scan)."""
+        D, self.D = self.D.mul_(2.0 / self.n_samples), None
+        L = self._damped_cholesky(H.clone(), damp)
+        shift = torch.cholesky_solve((W @ D).t().contiguous(), L).t()
+        del D, L
+        return W.add_(shift)
 
     def _inverse_factor(self, H: Tensor, damp: float) -> Tensor:
         """Upper Cholesky factor of (H + λI)⁻¹: its rows carry each column's error onto the columns after it."""
