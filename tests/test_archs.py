@@ -21,8 +21,10 @@ NEW = ["qwen3", "phi3", "mixtral", "qwen3_moe"]
 # the rotations' effect alone: the w4a4 preset's MSE clip search (off here) also fixes much of the outliers' damage,
 # and on these tiny random MoE models it did so more for --method none (1074 vs 1140 PPL, Mixtral) than after dart;
 # likewise its online Hadamard on o_proj's input (off here), which --method none cannot have (qwen3: dart 708.4 with
-# it against none 700.2; its exactness is in test_invariance.py, its resume in test_writer.py)
-W4A4 = ["--a-bits", "4", "--weights", "gptq", "--r1-epochs", "10", "--r2-epochs", "5", "--no-w-clip", "--no-o-online"]
+# it against none 700.2; its exactness is in test_invariance.py, its resume in test_writer.py); and the asymmetric
+# calibration (off here), which acts with or without a rotation (test_hessians.py, test_gptq.py)
+W4A4 = ["--a-bits", "4", "--weights", "gptq", "--r1-epochs", "10", "--r2-epochs", "5", "--no-w-clip", "--no-o-online",
+        "--no-asym-calib"]
 
 
 @pytest.fixture(scope="module")

@@ -60,10 +60,16 @@ def test_presets_fill_only_what_was_not_given(tiny_models):
     assert cfg.w_clip   # W4A4 presets: MSE clip search on
     cfg, choice = build_config(base, "w4a4kv4", none)
     assert (cfg.a_bits, cfg.kv_bits, cfg.group_size, cfg.w_clip) == (4, 4, -1, True)
-    # asymmetric calibration: as given, and never where it cannot apply (16-bit activations, RTN, full calibration)
-    assert build_config(base, "w4a4", {**none, "asym_calib": True})[0].asym_calib
+    # asymmetric calibration: on in the W4A4 presets, as given, and never where it cannot apply (16-bit activations,
+    # RTN weights, full-precision calibration)
+    cfg, choice = build_config(base, "w4a4", none)
+    assert cfg.asym_calib and "asymmetric calibration" in choice.line(cfg)
+    assert build_config(base, "w4a4kv4", none)[0].asym_calib
     assert not build_config(base, "w4a4", {**none, "asym_calib": False})[0].asym_calib
+    assert not build_config(base, "w4a4", {**none, "weights": "rtn"})[0].asym_calib
+    assert not build_config(base, "w4a4", {**none, "calib_acts": "full"})[0].asym_calib
     assert not build_config(base, None, none)[0].asym_calib
+    assert not build_config(base, "w4a8", none)[0].asym_calib
     # the serving presets carry what their compressed-tensors format requires
     cfg, _ = build_config(base, "w4a16-r4", none)
     assert (cfg.w_bits, cfg.a_bits, cfg.group_size, cfg.r4_online) == (4, 16, 32, True)

@@ -19,18 +19,20 @@ import pytest
 
 from conftest import WIKITEXT
 
-# 6450d0f: the first commit whose CLI has --no-o-online, which the W4A4 commands below now name; for them it writes
-# daed4b7's bytes (this test passed against daed4b7 at 640b828, and --o-online was off in every preset until after
+# 54f5536: the first commit whose CLI has --no-asym-calib, which the W4A4 GPTQ commands below now name; for them it
+# writes 6450d0f's bytes (this test passed against 6450d0f at 54f5536, and --asym-calib was off in every preset until
+# after it). 6450d0f: the first commit whose CLI has --no-o-online, which the W4A4 commands below name; for them it
+# writes daed4b7's bytes (this test passed against daed4b7 at 640b828, and --o-online was off in every preset until after
 # 6450d0f). daed4b7: dart one-pass W4A16 learns R2 in the one-pass pass (o_proj's Hessian turned by R2, other
 # rounding); 8bd4aa7 (GPTQ scan gathers errors per column, issue 11), 2c5687d, 34c2f03, 0dbf21c before
-REFERENCE_COMMIT = "6450d0f"
+REFERENCE_COMMIT = "54f5536"
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--samples", "4", "--seqlen", "48", "--r1-epochs", "2", "--r2-epochs", "1", "--r1-reservoir", "1MiB", "--seed", "3"]
 SCHEMES = {   # name: (tiny model, options)
-    # --no-w-clip and --no-o-online since the w4a4 presets turned the MSE clip search and o_proj's online Hadamard
-    # on: the command names what it did before
+    # --no-w-clip, --no-o-online and --no-asym-calib since the w4a4 presets turned the MSE clip search, o_proj's
+    # online Hadamard and the asymmetric calibration on: the command names what it did before
     "dart-w4a4-gptq": ("llama", ["--method", "dart", "--w-bits", "4", "--a-bits", "4", "--weights", "gptq",
-                                 "--no-w-clip", "--no-o-online"]),
+                                 "--no-w-clip", "--no-o-online", "--no-asym-calib"]),
     "dart-w4a16-gptq-g32": ("llama", ["--method", "dart", "--w-bits", "4", "--a-bits", "16", "--weights", "gptq",
                                       "--group-size", "32"]),
     # data-free since issue 11 (no calibration pass at all): the same bytes as when it ran them
@@ -39,7 +41,7 @@ SCHEMES = {   # name: (tiny model, options)
     # sequential GPTQ of MoE experts: one pass fills a stage's expert Hessians (issue 11); d6c498f wrote the same
     # bytes as 2c5687d's pass per expert
     "dart-w4a4-gptq-mixtral": ("mixtral", ["--method", "dart", "--w-bits", "4", "--a-bits", "4", "--weights", "gptq",
-                                           "--no-w-clip", "--no-o-online"]),
+                                           "--no-w-clip", "--no-o-online", "--no-asym-calib"]),
 }
 
 
