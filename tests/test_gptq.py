@@ -587,3 +587,14 @@ def test_targets_are_given_with_every_batch_or_never():
     g.add_batch(x, x)
     with pytest.raises(ValueError, match="target"):
         g.rotate_inputs(lambda s: s)
+
+
+def test_targets_kept_unless_free_hessian():
+    x = _correlated_inputs(512, 16, seed=23)
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(23))
+    cfg = WeightQuantConfig(bits=4)
+    g = GPTQ(16, targets=True)
+    g.add_batch(x, _targets(x, 23))
+    first, again, freed = g.quantize(w, cfg), g.quantize(w, cfg), g.quantize(w, cfg, free_hessian=True)
+    assert torch.equal(first.q, again.q) and torch.equal(first.q, freed.q)
+    assert g.D is None and g.S is None

@@ -192,7 +192,7 @@ class GPTQ:
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
         if self.D is not None:
-            W = self._toward_targets(W, H, damp)
+            W = self._toward_targets(W, H, damp, free_hessian)
         W[:, dead] = 0.0
 
         # Grids known up front: per channel, or static groups (contiguous groups of the original order).
@@ -255,13 +255,16 @@ class GPTQ:
                 f"[{out_features}, {columns}]"
             )
 
-    def _toward_targets(self, W: Tensor, H: Tensor, damp: float) -> Tensor:
+    def _toward_targets(self, W: Tensor, H: Tensor, damp: float, free: bool) -> Tensor:
         """The weights the scan starts from under targets: the least-squares optimum of ``‖W T − V X‖² + λ‖V − W‖²``
-        (the same dampening as the scan's), ``V = W + W D (H + λI)⁻¹`` with ``D = 2/N Σ (t − x) xᵀ``. GPTQ's column updates keep the not-yet-quantized columns optimal for the objective
-        the current weights are optimal for, so starting from V they pursue the targets' output instead of the
-        inputs' (the asymmetric calibration of GPTAQ, Li et al. 2025, solved once up front where GPTAQ carries a
-        second update matrix through the scan)."""
-        D, self.D = self.D.mul_(2.0 / self.n_samples), None
+        (the same dampening as the scan's), ``V = W + W D (H + λI)⁻¹`` with ``D = 2/N Σ (t − x) xᵀ``. GPTQ's column
+        updates keep the not-yet-quantized columns optimal for the objective the current weights are optimal for,
+        so starting from V they pursue the targets' output instead of the inputs'. ``free``: D's memory is used
+        and released (as ``free_hessian`` does with H)."""
+        if free:
+            D, self.D = self.D.mul_(2.0 / self.n_samples), None
+        else:
+            D = self.D * (2.0 / self.n_samples)
         L = self._damped_cholesky(H.clone(), damp)
         shift = torch.cholesky_solve((W @ D).t().contiguous(), L).t()
         del D, L
