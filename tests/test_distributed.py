@@ -196,6 +196,9 @@ def test_the_planner_plans_one_rank(model):
 
 
 REDUCE_CHECK = """
+import sys
+from pathlib import Path
+
 import torch
 from streamquant.distributed import join
 from streamquant.quant.gptq import GPTQ
@@ -212,7 +215,8 @@ assert mine.n_samples == X.shape[0], mine.n_samples
 S, D = mine.S.double(), mine.D.double()
 assert torch.allclose(S.triu(), (X.T @ X).triu(), rtol=1e-5, atol=1e-4), (S.triu() - (X.T @ X).triu()).abs().max()
 assert torch.allclose(D, (T - X).T @ X, rtol=1e-5, atol=1e-4), (D - (T - X).T @ X).abs().max()
-print("reduced", group.rank)
+(Path(sys.argv[1]) / f"reduced-{group.rank}").touch()   # a file per rank: their stdout lines may interleave
+group.close()   # the process group torn down before exit, as the CLI does (gloo aborts at exit otherwise)
 """
 
 
@@ -221,8 +225,9 @@ def test_hessian_and_target_sums_are_reduced_over_ranks(tmp_path):
     every rank's rows (dense fp64 reference) after reduce_hessian, over a real gloo group."""
     script = tmp_path / "reduce_check.py"
     script.write_text(REDUCE_CHECK)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+           str(tmp_path)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "reduced 0" in res.stdout and "reduced 1" in res.stdout, res.stdout
+    assert (tmp_path / "reduced-0").exists() and (tmp_path / "reduced-1").exists(), res.stdout
