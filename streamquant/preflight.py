@@ -37,6 +37,11 @@ HESSIANS = ("sequential", "one-pass")
 CALIB_ACTS = ("quantized", "full")
 
 
+def asym_calib_applies(weights: str, w_bits: int, a_bits: int) -> bool:
+    """--asym-calib has something to do: GPTQ weights whose inputs an activation quantizer rounds."""
+    return weights == "gptq" and w_bits < 16 and a_bits < 16
+
+
 @dataclass
 class RunConfig:
     model: str
@@ -104,7 +109,7 @@ class RunConfig:
             raise UserError("--r4-online needs a rotation (--method dart or quarot): R4's inverse is fused with them")
         if self.o_online and self.method == "none":
             raise UserError("--o-online needs a rotation (--method dart or quarot); --method none is the plain model")
-        if self.asym_calib and not (self.weights == "gptq" and self.w_bits < 16 and self.a_bits < 16):
+        if self.asym_calib and not asym_calib_applies(self.weights, self.w_bits, self.a_bits):
             raise UserError("--asym-calib needs GPTQ weights and quantized activations (--weights gptq, --w-bits and "
                             "--a-bits below 16): it makes GPTQ undo the activation quantizer's error")
         if self.asym_calib and self.calib_acts == "full":

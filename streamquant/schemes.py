@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from streamquant.errors import UserError
-from streamquant.preflight import RunConfig
+from streamquant.preflight import RunConfig, asym_calib_applies
 
 HESSIANS_AUTO = "auto"              # preset marker: one-pass GPTQ Hessians with a rotation, sequential without
 W_CLIP_AUTO = "auto"                # preset marker: the MSE clip search for GPTQ weights without a rotation only
@@ -157,7 +157,7 @@ def build_config(cfg: RunConfig, scheme: str | None, given: dict[str, Any]) -> t
     if values["w_clip"] == W_CLIP_AUTO:
         values["w_clip"] = values["method"] == "none" and values["weights"] == "gptq"
     if values["asym_calib"] == ASYM_CALIB_AUTO:
-        values["asym_calib"] = (values["weights"] == "gptq" and values["w_bits"] < 16 and values["a_bits"] < 16
+        values["asym_calib"] = (asym_calib_applies(values["weights"], values["w_bits"], values["a_bits"])
                                 and values["calib_acts"] == "quantized")
     if values["o_online"] == O_ONLINE_AUTO:   # (no rotation: the plain model; compressed-tensors: not expressible)
         values["o_online"] = values["method"] != "none" and cfg.format in ("auto", "streamquant")

@@ -131,6 +131,8 @@ class GPTQ:
             raise ValueError("GPTQ.add_batch called after free_hessian=True released the Hessian")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"GPTQ expects inputs with last dim {self.in_features}, got shape {tuple(x.shape)}")
+        if (target is None) != (self.D is None):   # before any sum moves: a refused batch leaves no trace
+            raise ValueError("GPTQ.add_batch: a target is required exactly when the GPTQ was made with targets=True")
         x = x.reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
         if x.shape[0] == 0:
             return
@@ -138,8 +140,6 @@ class GPTQ:
         xt = x.t()
         for i in range(0, self.in_features, _GRAM_BLOCK):   # S's upper block rows: [i:i+b, i:] += x[:, i:i+b]ᵀ x[:, i:]
             self.S[i : i + _GRAM_BLOCK, i:].addmm_(xt[i : i + _GRAM_BLOCK], x[:, i:])
-        if (target is None) != (self.D is None):
-            raise ValueError("GPTQ.add_batch: a target is required exactly when the GPTQ was made with targets=True")
         if target is not None:
             t = target.reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
             self.D.addmm_((t - x).t(), x)
@@ -318,9 +318,8 @@ class GPTQ:
                     g = col // group_size
                     group = W[:, col : col + group_size] - ErrT[:i].t() @ Hinv1[:i, i : i + group_size]
                     s, z = weight_qparams(group, _per_channel(cfg), scale_dtype=scale_dtype)
-                    scales[:, g] = s[:, 0].float()
-                    zeros[:, g] = z[:, 0].float()
-                    scales_t[g], zeros_t[g] = scales[:, g], zeros[:, g]
+                    scales_t[g] = s[:, 0].float()
+                    zeros_t[g] = z[:, 0].float()
 
                 g = col_group[col]
                 s, z = scales_t[g], zeros_t[g]
@@ -332,6 +331,8 @@ class GPTQ:
             Err1 = ErrT.t().contiguous()            # a column per scanned column, once per block
             losses += Err1.square().sum(1) / 2      # Σ ((w − ŵ)/d)² / 2 over the block's columns
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        scales.copy_(scales_t.t())   # the dynamic groups' grids, in the caller's [out, G] layout
+        zeros.copy_(zeros_t.t())
         return codes_t.t().contiguous(), losses
 
     @staticmethod

@@ -164,7 +164,7 @@ def quantize_to_grid(x: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetri
     dispatch for small ones. ``zero`` has ``scale``'s dtype (as every qparams function returns them), so
     ``x / scale`` already holds the promoted result. A symmetric grid's zero is 0 and is not added."""
     qmin, qmax = code_range(bits, symmetric)
-    q = torch.div(x, scale, out=out).round_() if out is not None else (x / scale).round_()
+    q = torch.div(x, scale, out=out).round_()
     return (q if symmetric else q.add_(zero)).clamp_(qmin, qmax)
 
 
