@@ -154,7 +154,8 @@ def run_cmd(
     hessians: Optional[str] = typer.Option(None, "--hessians", help="GPTQ Hessians: sequential (each group's inputs through the weights quantized before it) or one-pass (from one pass of the unquantized model: one forward per block instead of ~2.2). [preset]"),
     calib_acts: Optional[str] = typer.Option(None, "--calib-acts", help="What calibration (R2's rows, GPTQ's Hessians, the states carried to the next block) sees of activations: quantized (as the runtime computes them) or full precision (QuaRot's GPTQ); evaluation and output quantize them either way. [preset]"),
     o_online: Optional[bool] = typer.Option(None, "--o-online/--no-o-online", help="An online Hadamard on o_proj's input, across heads (QuaRot's out_proj transform; R2 turns within a head only). streamquant format. [preset]"),
-    asym_calib: Optional[bool] = typer.Option(None, "--asym-calib/--no-asym-calib", help="GPTQ reproduces each linear's output on its input before the activation quantizer, from the quantized input it gets (asymmetric calibration, GPTAQ): weights that undo part of the activation rounding. Needs --weights gptq and --a-bits < 16. [preset]"),
+    asym_calib: Optional[bool] = typer.Option(None, "--asym-calib/--no-asym-calib", help="GPTQ reproduces each linear's output on target inputs from the inputs it really gets (asymmetric calibration, GPTAQ): weights that undo part of the error before them. Needs --weights gptq; the targets are --asym-targets'. [preset]"),
+    asym_targets: Optional[str] = typer.Option(None, "--asym-targets", help="--asym-calib's targets: input (the input before the activation quantizer; needs --a-bits < 16; no extra pass) or model (the full-precision model's, from a second calibration stream through the unquantized blocks; weight-only too; needs --hessians sequential; ~2x the block passes, a second state buffer and block). Default: input with quantized activations, else model. [preset]"),
     a_clip: float = typer.Option(0.9, help="Activation clip ratio."),
     a_symmetric: bool = typer.Option(False, "--a-symmetric", help="Symmetric per-token activations (what int-quantized/pack-quantized A8 exports express, with --a-bits 8 --a-clip 1)."),
     r4_online: bool = typer.Option(False, "--r4-online", help="pack-/int-quantized: R4 online as a transform_config (vLLM TP=1 and streamquant.load apply it; plain transformers does not)."),
@@ -202,7 +203,7 @@ def run_cmd(
                                                   w_symmetric=None if w_asym is None else not w_asym,
                                                   act_order=act_order, w_clip=w_clip, hessians=hessians,
                                                   calib_acts=calib_acts, o_online=o_online,
-                                                  asym_calib=asym_calib))
+                                                  asym_calib=asym_calib, asym_targets=asym_targets))
     out_dir = None if no_write else Path(out) if out is not None else default_out(model, choice.scheme)
     cfg.out = out_dir
     if dry_run:
@@ -328,7 +329,8 @@ def bench_cmd(
     weights: str = typer.Option("gptq", help="gptq or rtn."),
     hessians: str = typer.Option("sequential", "--hessians", help="GPTQ Hessians: sequential (the w4a4 preset's) or one-pass."),
     w_clip: bool = typer.Option(False, "--w-clip/--no-w-clip", help="The w4a4 preset's MSE weight clip search (off: comparable with earlier entries)."),
-    asym_calib: bool = typer.Option(False, "--asym-calib/--no-asym-calib", help="The w4a4 preset's asymmetric calibration of GPTQ (off: comparable with earlier entries)."),
+    asym_calib: bool = typer.Option(False, "--asym-calib/--no-asym-calib", help="Asymmetric calibration of GPTQ (off: comparable with earlier entries)."),
+    asym_targets: str = typer.Option("input", "--asym-targets", help="Its targets: input (before the activation quantizer) or model (a full-precision stream; sequential Hessians)."),
     r1_reservoir: str = typer.Option("256MiB", help="Byte budget of the sampled R1 calibration reservoir."),
     workdir: Optional[str] = typer.Option(None, help="Keep the synthetic checkpoint and output here (default: temp, removed)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
@@ -338,7 +340,7 @@ def bench_cmd(
     from streamquant.bench import BenchConfig, markdown, seventy_b
 
     cfg = BenchConfig(scale=scale, blocks=blocks, samples=samples, seqlen=seqlen, gpu_mem=parse_bytes(gpu_mem),
-                      device=device, dtype=dtype, weights=weights, hessians=hessians, w_clip=w_clip, asym_calib=asym_calib, r1_reservoir_bytes=parse_bytes(r1_reservoir), workdir=Path(workdir) if workdir else None)
+                      device=device, dtype=dtype, weights=weights, hessians=hessians, w_clip=w_clip, asym_calib=asym_calib, asym_targets=asym_targets, r1_reservoir_bytes=parse_bytes(r1_reservoir), workdir=Path(workdir) if workdir else None)
     with stage_progress() as on_progress:
         result = seventy_b(cfg, on_progress)
     if as_json:

@@ -60,7 +60,9 @@ class BenchConfig:
     hessians: str = "sequential"          # GPTQ: sequential (the w4a4 preset's) or one-pass
     w_clip: bool = False                  # the w4a4 preset's MSE clip search; off by default, so per-block seconds
                                           # compare with the entries before the preset took it (RESULTS.md)
-    asym_calib: bool = False              # the w4a4 preset's asymmetric GPTQ calibration; off by default, as w_clip
+    asym_calib: bool = False              # asymmetric GPTQ calibration; off by default, as w_clip
+    asym_targets: str = "input"           # its targets: input (before the act quantizer) or model (a full-precision
+                                          # stream)
     r1_reservoir_bytes: int = 256 << 20   # R1 trains on this many bytes of sampled rows (QR steps scale with it)
     workdir: Path | None = None        # keep the synthetic checkpoint and output here (default: a temp dir, removed)
 
@@ -83,6 +85,7 @@ def seventy_b(cfg: BenchConfig, on_progress=None) -> dict:
     try:
         run_cfg = RunConfig(model=str(model), out=out, method="dart", weights=cfg.weights, w_bits=4, a_bits=4,
                             hessians=cfg.hessians, w_clip=cfg.w_clip, asym_calib=cfg.asym_calib,
+                            asym_targets=cfg.asym_targets,
                             samples=cfg.samples, seqlen=cfg.seqlen, dtype=cfg.dtype, device=cfg.device,
                             r1_reservoir_bytes=cfg.r1_reservoir_bytes,
                             gpu_mem=cfg.gpu_mem if device.type == "cuda" else None)
@@ -110,7 +113,7 @@ def seventy_b(cfg: BenchConfig, on_progress=None) -> dict:
     return {
         "shape": shape, "scale": cfg.scale, "blocks": cfg.blocks, "samples": cfg.samples, "seqlen": cfg.seqlen,
         "device": report["device"], "dtype": report["dtype"], "micro_batch": report["micro_batch"],
-        "weights": cfg.weights, "hessians": cfg.hessians, "w_clip": cfg.w_clip, "asym_calib": cfg.asym_calib,
+        "weights": cfg.weights, "hessians": cfg.hessians, "w_clip": cfg.w_clip, "asym_calib": cfg.asym_calib, "asym_targets": cfg.asym_targets,
         "gpu_budget_bytes": run_cfg.gpu_mem, "checkpoint_write_seconds": write_seconds,
         "stage_seconds": report["stage_seconds"], "per_block": report["blocks"],
         "per_block_seconds_median": statistics.median(per_block),

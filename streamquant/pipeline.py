@@ -8,7 +8,9 @@ hidden states travel through the *quantized* blocks, so the next block is calibr
 model feeds it and the run can end with the quantized model's perplexity without reloading anything. With one-pass
 GPTQ (`--hessians one-pass`) the calibration states travel through the *unquantized* blocks instead: one pass per
 block fills every GPTQ group's Hessian and moves them on, where sequential GPTQ runs a pass per group and the
-quantized block again (~2.2 block forwards).
+quantized block again (~2.2 block forwards). With `--asym-calib --asym-targets model` (sequential GPTQ) a third
+stream, the full-precision model's states, travels through the *unquantized* blocks beside them (GPTAQ): GPTQ then
+reproduces each linear's output in the unquantized model from the input the quantized model gives it.
 Everything decided before the work (model, plan, format, runtime) arrives in a `Prepared` (streamquant.preflight);
 finished blocks leave as `QuantizedBlock` values for the sink (streamquant.writer).
 """
@@ -32,6 +34,7 @@ from streamquant.memory import peak_gpu_bytes, peak_gpu_reserved_bytes, peak_hos
 from streamquant.plan import capture_windows, reservoir_rows
 from streamquant.preflight import Prepared
 from streamquant.qblock import QLinear, Runtime, activations_unquantized, qlinears
+from streamquant.quant.quantizers import ActQuantConfig
 from streamquant.quant.gptq import GPTQ
 from streamquant.quantized import Codes, QuantizedBlock
 from streamquant.rotate.dart import train_r1, train_r2
@@ -45,6 +48,14 @@ from streamquant.stream import Engine
 # tokens routed to it, possibly none) is rounded to nearest instead, and report.json lists it per block under
 # "rtn_fallback" with its token count ("gptq_tokens" has every group's).
 GPTQ_MIN_TOKENS = 32
+
+# --asym-calib's step toward the targets (GPTQ.quantize's target_step, GPTAQ's α). The full-precision model's
+# targets (--asym-targets model): a quarter of the least-squares step, as GPTAQ's reference; SmolLM2-135M W4A16 dart
+# seed 0 measured 30.43 with the whole step, 29.59 with half, 29.20 with a quarter, 29.81 with an eighth and 29.60
+# without targets (benchmarks/RESULTS.md, issue 17). The inputs before the activation quantizer (--asym-targets
+# input): the whole step (W4A4 seed 0: 37.57 against 40.87 with a quarter).
+FP_STREAM_STEP = 0.25
+INPUT_TARGET_STEP = 1.0
 
 
 class Hooks:
@@ -84,6 +95,20 @@ class Hooks:
 
 def _add_pair(gptq: GPTQ, pair: tuple[torch.Tensor, torch.Tensor]) -> None:
     gptq.add_batch(*pair)
+
+
+def _add_reference_pair(gptq: GPTQ, pending: list[torch.Tensor], x: torch.Tensor) -> None:
+    gptq.add_batch(x, pending.pop())   # the reference ran this micro-batch just before (Engine.run_until's beside)
+
+
+@dataclass
+class Reference:
+    """The full-precision model beside the quantized one (--asym-targets model): its calibration states
+    at the current block's input, and while a block is quantized that block unquantized, without activation or KV
+    quantizers (the online transforms stay: they are part of the rotated model's function)."""
+
+    hidden: torch.Tensor
+    layer: nn.Module | None = None
 
 
 def _token_subset(total: int, count: int, gen: torch.Generator) -> torch.Tensor:
@@ -177,9 +202,11 @@ class Pipeline:
                 self.sink.write_r1(r1)
         with stats.stage("embed"):
             hidden, eval_hidden = self.embed(r1, self.dist.mine(calib), self.dist.mine(evals))
+            reference = self.reference_stream(hidden)
         with stats.stage("replay"):
-            self.replay(done, r1, hidden, eval_hidden)
-        self.quantize_blocks(r1, done, hidden, eval_hidden)
+            self.replay(done, r1, hidden, eval_hidden, reference)
+        self.quantize_blocks(r1, done, hidden, eval_hidden, reference)
+        del reference
         with stats.stage("head"):
             norm_w, head_w = self.index.load_head()
             if r1 is not None:
@@ -263,14 +290,30 @@ class Pipeline:
             self.sink.write_embedding(table)
         return hidden, eval_hidden
 
+    def reference_stream(self, hidden: torch.Tensor | None) -> Reference | None:
+        """The full-precision stream's first states, a copy of the calibration states (`fp_stream` runs only)."""
+        if not self.fp_stream or hidden is None:
+            return None
+        states = self.engine.new_buffer(hidden.shape[0], hidden.shape[1])
+        return Reference(states.copy_(hidden))
+
     def replay(self, done: int, r1: torch.Tensor | None, hidden: torch.Tensor | None,
-               eval_hidden: torch.Tensor | None) -> None:
+               eval_hidden: torch.Tensor | None, reference: Reference | None) -> None:
         """Resume: the finished blocks run again from their *quantized* weights on disk; under one-pass GPTQ the
         calibration states run through the unquantized block instead, rotated again with the saved R2 (or without R2,
-        where the R2 probe was the pass: `folds_r2`), as they did."""
+        where the R2 probe was the pass: `folds_r2`), as they did; the full-precision stream, where there is one,
+        runs through it too."""
         for i in range(done):
             weights = self.dist.from_rank0(self.sink.block_weights(i) if self.sink is not None else None)
             layer = build_rotated_layer(self.engine, i, weights, self.runtime)
+            if reference is not None:
+                original = self.index.load_block(i)
+                saved_r2 = self.dist.same(self.sink.block_r2(i) if self.sink is not None else None)
+                unquantized = build_rotated_layer(self.engine, i, self.rotated_weights(original, r1, saved_r2),
+                                                  self.reference_runtime)
+                del original
+                self.engine.run_block(unquantized, reference.hidden)
+                del unquantized
             if self.one_pass and hidden is not None:
                 original = self.index.load_block(i)
                 if self.folds_r2:   # the pass ran the R2 probe
@@ -293,7 +336,7 @@ class Pipeline:
 
     # ---- stage 3, per block ----
     def quantize_blocks(self, r1: torch.Tensor | None, done: int, hidden: torch.Tensor | None,
-                        eval_hidden: torch.Tensor | None) -> None:
+                        eval_hidden: torch.Tensor | None, reference: Reference | None) -> None:
         """Per block: rotate → R2 → quantize → run the quantized block on every sample → write."""
         stats, engine, wcfg = self.stats, self.engine, self.cfg.weight_cfg
         with BlockPrefetcher(self.index, pin=engine.pin) as prefetch:
@@ -306,11 +349,13 @@ class Pipeline:
                 last = i + 1 == self.spec.num_layers
                 with stats.stage("quantize"):
                     layer = build_rotated_layer(engine, i, weights, self.runtime)
+                    if reference is not None:   # the same tensors: GPTQ gives `layer` new weights, these stay
+                        reference.layer = build_rotated_layer(engine, i, weights, self.reference_runtime)
                     del weights
                     with activations_unquantized(layer, self.calib_full):
                         if self.one_pass and not self.folds_r2:   # every Hessian from one pass of the unquantized
                             early |= self.one_pass_hessians(layer, hidden, early, last)   # block, which feeds the next
-                        codes, losses = self.quantize_block(layer, hidden, early)
+                        codes, losses = self.quantize_block(layer, hidden, early, reference)
                 with stats.stage("forward"):
                     # the calibration states feed the next block's Hessians: after the last block nothing reads them,
                     # and one-pass GPTQ has moved them on already
@@ -320,6 +365,11 @@ class Pipeline:
                             with activations_unquantized(layer, self.calib_full and states is calib_states):
                                 engine.run_block(layer, states)
                     stats.block["forward_equivalents"] += 1.0 if calib_states is not None else 0.0
+                    if reference is not None:
+                        if not last:
+                            engine.run_block(reference.layer, reference.hidden)
+                            stats.block["forward_equivalents"] += 1.0
+                        reference.layer = None
                 with stats.stage("write"):
                     if self.sink is not None:
                         self.sink.write_block(QuantizedBlock.from_layer(i, layer, self.arch, codes, wcfg, r2))
@@ -387,9 +437,10 @@ class Pipeline:
                 early = self.one_pass_hessians(layer, hidden, {}, i + 1 == spec.num_layers, hooks)
             else:
                 names = arch.linear_names   # the groups whose first linear runs no later than v_proj
+                # (not with the full-precision stream: its pairs come from a pass of both streams, stage_hessians)
                 early = self.hessians(layer, hooks, [g for g, grp in enumerate(arch.gptq_order)
                                                      if names.index(grp[0]) <= names.index(arch.r2_value)]
-                                      ) if cfg.weights == "gptq" and cfg.weight_cfg else {}
+                                      ) if cfg.weights == "gptq" and cfg.weight_cfg and not self.fp_stream else {}
                 self.pass_until(layer, hidden, arch.r2_output)
             hooks.remove()
         with self.stats.stage("r2"):
@@ -420,6 +471,19 @@ class Pipeline:
         return self.cfg.calib_acts == "full"
 
     @property
+    def fp_stream(self) -> bool:
+        """--asym-calib --asym-targets model (GPTAQ; sequential GPTQ): GPTQ's targets are the inputs the full-precision
+        model gives each linear, from a second calibration stream through the unquantized blocks (`Reference`), so
+        GPTQ also undoes the error the quantized blocks upstream left in its inputs. (--asym-targets input: the
+        inputs before the activation quantizer, from the one stream.)"""
+        return self.cfg.asym_calib and self.cfg.asym_targets == "model"
+
+    @property
+    def reference_runtime(self) -> Runtime:
+        """The full-precision stream's online behaviour: the transforms, no activation or KV quantizer."""
+        return replace(self.runtime, act=ActQuantConfig(), kv_bits=16)
+
+    @property
     def one_pass(self) -> bool:
         """GPTQ Hessians from the unquantized model (--hessians one-pass): one forward per block instead of ~2.2."""
         return self.cfg.hessians == "one-pass" and self.cfg.weights == "gptq" and self.cfg.weight_cfg is not None
@@ -440,23 +504,33 @@ class Pipeline:
         hooks.remove()
         return groups
 
-    def hessians(self, layer: nn.Module, hooks: Hooks, groups: list[int]) -> dict[int, GPTQ]:
+    def hessians(self, layer: nn.Module, hooks: Hooks, groups: list[int], reference: Reference | None = None
+                 ) -> dict[int, GPTQ]:
         """GPTQ accumulators hooked on the inputs of these GPTQ groups; each sees exactly what its linears' matmuls
-        see (after R4 and the act quantizer), and with --asym-calib also the input before the act quantizer, whose
-        output GPTQ then reproduces."""
+        see (after R4 and the act quantizer), and with --asym-calib also a target input whose output GPTQ then
+        reproduces: the full-precision model's (`reference`, hooked too: the pass must run it beside) or else the
+        input before the act quantizer."""
         order = self.arch.gptq_order
         out = {}
         for g in groups:
             first = layer.get_submodule(order[g][0])
-            out[g] = GPTQ(first.in_features, device=self.device, targets=self.cfg.asym_calib)
-            if self.cfg.asym_calib:   # (quantized input, input before the activation quantizer) pairs
+            # a routed expert sees other tokens in the full-precision model: no rows to pair, plain GPTQ
+            targets = self.cfg.asym_calib and not (reference is not None and order[g][0] in self.arch.routed)
+            out[g] = GPTQ(first.in_features, device=self.device, targets=targets)
+            if targets and reference is not None:   # (quantized input, the full-precision model's input) pairs
+                pending: list[torch.Tensor] = []
+                hooks.each_input(reference.layer.get_submodule(order[g][0]), pending.append,
+                                 transform=QLinear.quantized_input)
+                hooks.each_input(first, partial(_add_reference_pair, out[g], pending),
+                                 transform=QLinear.quantized_input)
+            elif targets:   # (quantized input, input before the activation quantizer) pairs
                 hooks.each_input(first, partial(_add_pair, out[g]), transform=QLinear.input_and_target)
             else:
                 hooks.each_input(first, out[g].add_batch, transform=QLinear.quantized_input)
         return out
 
-    def quantize_block(self, layer: nn.Module, hidden: torch.Tensor | None, early: dict[int, GPTQ]
-                       ) -> tuple[Codes | None, dict[str, float]]:
+    def quantize_block(self, layer: nn.Module, hidden: torch.Tensor | None, early: dict[int, GPTQ],
+                       reference: Reference | None) -> tuple[Codes | None, dict[str, float]]:
         """Weights to the INT grid in place (the layer then computes with them): RTN, or GPTQ group by group in
         dependency order, each group's Hessian from a pass stopped at its input (unless the R2 pass collected it).
         Returns the integer codes for the writer and GPTQ's loss per linear."""
@@ -469,7 +543,7 @@ class Pipeline:
         for g, group in enumerate(self.arch.gptq_order):
             # the linears of a group read the same input, so they share one Hessian (q/k/v: 3× less memory)
             if g not in early:
-                early |= self.stage_hessians(layer, hidden, g, early)
+                early |= self.stage_hessians(layer, hidden, g, early, reference)
             gptq = early.pop(g)
             self.dist.reduce_hessian(gptq)   # Σ x xᵀ and row counts of every rank's windows
             t0 = time.perf_counter()
@@ -484,7 +558,8 @@ class Pipeline:
             stacked = torch.cat(weights) if len(weights) > 1 else weights[0]   # one scan for the shared H
             # with several ranks, one owner per group solves (round-robin) and broadcasts the result
             solve = partial(gptq.quantize, stacked, wcfg, act_order=self.cfg.act_order, damp=self.cfg.damp,
-                            free_hessian=True)
+                            free_hessian=True,
+                            target_step=FP_STREAM_STEP if reference is not None else INPUT_TARGET_STEP)
             result = self.dist.solve(len(self.arch.gptq_order) * self.stats.block["block"] + g, solve)
             del gptq, stacked, solve
             for name, part in zip(group, result.split([w.shape[0] for w in weights])):
@@ -494,28 +569,31 @@ class Pipeline:
             self.stats.block["gptq_solve"] = self.stats.block.get("gptq_solve", 0.0) + time.perf_counter() - t0
         return codes, losses
 
-    def stage_hessians(self, layer: nn.Module, hidden: torch.Tensor, g: int, early: dict[int, GPTQ]
-                       ) -> dict[int, GPTQ]:
+    def stage_hessians(self, layer: nn.Module, hidden: torch.Tensor, g: int, early: dict[int, GPTQ],
+                       reference: Reference | None) -> dict[int, GPTQ]:
         """The Hessians of group g and of the later groups of its stage (a MoE block's experts: their inputs do not
         depend on each other's weights) from one pass: stopped at g's input for a group alone, whole for a stage of
         experts, where any expert may see no token. Each Hessian equals the one a pass of its own would fill."""
         stage = self.arch.gptq_stage
         groups = [g2 for g2 in range(g, len(stage)) if stage[g2] == stage[g] and g2 not in early]
         hooks = Hooks()
-        out = self.hessians(layer, hooks, groups)
-        self.pass_until(layer, hidden, self.arch.gptq_order[g][0] if len(groups) == 1 else None)
+        out = self.hessians(layer, hooks, groups, reference)
+        self.pass_until(layer, hidden, self.arch.gptq_order[g][0] if len(groups) == 1 else None, reference)
         hooks.remove()
         return out
 
-    def pass_until(self, layer: nn.Module, hidden: torch.Tensor, stop_at: str | None) -> None:
-        """One calibration pass for the hooks' sake, stopped at `stop_at`'s input (None: the whole block); its work
-        is counted in units of one full block forward over all calibration samples."""
-        if stop_at is None:
-            self.engine.run_until(layer, hidden)
-            self.stats.block["forward_equivalents"] += 1.0
-            return
-        self.engine.run_until(layer, hidden, layer.get_submodule(stop_at))
-        self.stats.block["forward_equivalents"] += self.arch.share_before(stop_at, self.spec.dims())
+    def pass_until(self, layer: nn.Module, hidden: torch.Tensor, stop_at: str | None,
+                   reference: Reference | None = None) -> None:
+        """One calibration pass for the hooks' sake, stopped at `stop_at`'s input (None: the whole block), with the
+        full-precision block beside it micro-batch by micro-batch where there is a `reference`; its work is counted
+        in units of one full block forward over all calibration samples."""
+        def stop(block: nn.Module) -> nn.Module | None:
+            return None if stop_at is None else block.get_submodule(stop_at)
+
+        beside = None if reference is None else (reference.layer, reference.hidden, stop(reference.layer))
+        self.engine.run_until(layer, hidden, stop(layer), beside=beside)
+        share = 1.0 if stop_at is None else self.arch.share_before(stop_at, self.spec.dims())
+        self.stats.block["forward_equivalents"] += share * (1 if reference is None else 2)
 
     # ---- finalize ----
     def finish(self, norm_w: torch.Tensor, head_w: torch.Tensor, eval_hidden: torch.Tensor | None,
@@ -526,7 +604,7 @@ class Pipeline:
             "model": str(p.model_dir), "method": cfg.method, "weights": cfg.weights, "w_bits": cfg.w_bits,
             "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits, "group_size": cfg.group_size, "w_symmetric": cfg.w_symmetric,
             "act_order": cfg.act_order, "w_clip": cfg.w_clip, "hessians": cfg.hessians, "calib_acts": cfg.calib_acts,
-            "asym_calib": cfg.asym_calib,
+            "asym_calib": cfg.asym_calib, "asym_targets": cfg.asym_targets,
             "samples": cfg.samples,
             "seqlen": cfg.seqlen, "seed": cfg.seed, "device": str(self.device), "format": p.format.name,
             "dtype": str(p.dtype).removeprefix("torch."), "micro_batch": self.engine.micro_batch,

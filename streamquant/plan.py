@@ -48,6 +48,7 @@ class Workload:
     r4_stored: bool = False           # compressed-tensors export with R4 online: a dense fp32 R4 per block
     one_pass_hessians: bool = False   # GPTQ: every group's Hessian filled in one pass, so all are held at once
     asym_calib: bool = False          # GPTQ with targets: a second in×in matrix beside each Hessian
+    fp_stream: bool = False           # ... from a full-precision stream: its states and its unquantized block
     ranks: int = 1                    # torchrun processes: a rank holds its share of the windows, all sampled rows
 
     def share(self, windows: int) -> int:
@@ -156,7 +157,11 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
                                                                  # rotated, |.|, exp
     whip_eval = 5 * min(8192, rows) * h * 4 if dart else 0       # a chunk of rows, rotated, |.|, exp
     r2_samples = min(work.r2_tokens, work.samples * work.seqlen) * q * 4 if dart else 0
-    weight_quant = _weight_quant_moments(spec, work, compute + codes, act, stored, widest, b)
+    # the full-precision stream (--asym-calib, sequential): the unquantized block beside the quantized one from its
+    # build to the block's last forward, and a micro-batch of one linear's input it ran (the target GPTQ pairs)
+    reference = compute + tokens * max(h, i) * 4 if work.fp_stream else 0
+    weight_quant = [Moment(m.device + reference, m.host)
+                    for m in _weight_quant_moments(spec, work, compute + codes, act, stored, widest, b)]
     gptq = work.weights == "gptq" and work.w_bits < 16
     early_h = h * h * 4 if dart and gptq else 0                  # the R2 pass also fills q/k/v's Hessian
     embed_stored = index.entries[spec.arch.embed].nbytes
@@ -172,13 +177,13 @@ def predict(spec, index, work: Workload, dtype: torch.dtype, device: str, micro_
         # capture's hidden states are gone; on a CPU, autograd and LAPACK workspaces add ~60 MB (measured at n=576)
         stages["r1"] = (reservoir, [Moment(r1_train + whip_eval, 0 if on_gpu else 64 << 20)])
     stages |= {
-        "embed": (hidden + eval_hidden, [Moment(0, embed_fuse)]),
-        "quantize": (hidden + eval_hidden, [
+        "embed": (hidden + eval_hidden, [Moment(0, embed_fuse), Moment(0, hidden if work.fp_stream else 0)]),
+        "quantize": (hidden * (2 if work.fp_stream else 1) + eval_hidden, [
             rotate,                                                               # probe: R1 (and R4) only
             Moment(compute + act + early_h + (r2_samples if on_gpu else 0), stored + r2_samples),  # R2 pass
             Moment(rotate.device + early_h, rotate.host),                         # final: R1, R2, R4
             *weight_quant,
-            Moment(compute + codes + act, stored),                                # the quantized block's forward
+            Moment(compute + codes + act + reference, stored),                    # the quantized block's forward
             Moment(compute + codes, stored + codes // 2 + (compute if on_gpu else 0)),  # the writer's packed copy
         ]),
     }

@@ -31,15 +31,17 @@ from streamquant.writer import copied_files_bytes
 
 METHODS = ("dart", "quarot", "none")
 HESSIANS = ("sequential", "one-pass")
+ASYM_TARGETS = ("input", "model")
 # What the calibration passes (R2's rows, GPTQ's Hessians, the states carried to the next block) see of activations:
 # quantized, as the runtime computes them, or full precision, as QuaRot's GPTQ sees them (its activation quantizers
 # are switched on after GPTQ); the evaluation and the output quantize activations either way.
 CALIB_ACTS = ("quantized", "full")
 
 
-def asym_calib_applies(weights: str, w_bits: int, a_bits: int) -> bool:
-    """--asym-calib has something to do: GPTQ weights whose inputs an activation quantizer rounds."""
-    return weights == "gptq" and w_bits < 16 and a_bits < 16
+def asym_calib_applies(weights: str, w_bits: int, a_bits: int, targets: str) -> bool:
+    """--asym-calib has something to do: GPTQ weights whose inputs differ from their targets, the inputs before an
+    activation quantizer (`input`) or the full-precision model's (`model`: the quantized blocks before them differ)."""
+    return weights == "gptq" and w_bits < 16 and (a_bits < 16 or targets == "model")
 
 
 @dataclass
@@ -62,7 +64,8 @@ class RunConfig:
     a_symmetric: bool = False         # symmetric per-token activations (what compressed-tensors/vLLM int8 express)
     r4_online: bool = False           # compressed-tensors formats: R4 online (transform_config), its inverse fused
     o_online: bool = False            # an online Hadamard on o_proj's input, across heads (streamquant format)
-    asym_calib: bool = False          # GPTQ reproduces the output on the input before the activation quantizer
+    asym_calib: bool = False          # GPTQ reproduces the linear's output on target inputs from its real ones
+    asym_targets: str = "input"       # ... before the activation quantizer, or the full-precision model's (`model`)
     calib: str = "default"
     samples: int = 128
     seqlen: int = 2048
@@ -109,9 +112,15 @@ class RunConfig:
             raise UserError("--r4-online needs a rotation (--method dart or quarot): R4's inverse is fused with them")
         if self.o_online and self.method == "none":
             raise UserError("--o-online needs a rotation (--method dart or quarot); --method none is the plain model")
-        if self.asym_calib and not asym_calib_applies(self.weights, self.w_bits, self.a_bits):
-            raise UserError("--asym-calib needs GPTQ weights and quantized activations (--weights gptq, --w-bits and "
-                            "--a-bits below 16): it makes GPTQ undo the activation quantizer's error")
+        if self.asym_targets not in ASYM_TARGETS:
+            raise UserError(f"--asym-targets must be one of {', '.join(ASYM_TARGETS)} (got {self.asym_targets!r})")
+        if self.asym_calib and not asym_calib_applies(self.weights, self.w_bits, self.a_bits, self.asym_targets):
+            raise UserError("--asym-calib needs GPTQ weights (--weights gptq, --w-bits below 16), and with "
+                            "--asym-targets input quantized activations (--a-bits below 16): it makes GPTQ undo "
+                            "their error (--asym-targets model: the full-precision model's, weight-only too)")
+        if self.asym_calib and self.asym_targets == "model" and self.hessians != "sequential":
+            raise UserError("--asym-targets model needs --hessians sequential: the full-precision stream's targets "
+                            "pair with inputs through the quantized blocks (one-pass inputs are unquantized already)")
         if self.asym_calib and self.calib_acts == "full":
             raise UserError("--asym-calib and --calib-acts full exclude each other: GPTQ either reproduces the output "
                             "on the unquantized input from the quantized one (--asym-calib) or sees unquantized inputs")
@@ -178,6 +187,7 @@ class RunConfig:
                         held_text_bytes=int(calib_bytes * (1 + 8 / BYTES_PER_TOKEN)),
                         group_size=self.group_size, w_asym=not self.w_symmetric,
                         one_pass_hessians=self.hessians == "one-pass", asym_calib=self.asym_calib,
+                        fp_stream=self.asym_calib and self.asym_targets == "model",
                         r4_stored=self.r4_online and self.method != "none"
                         and self.resolved_format in COMPRESSED_TENSORS)
 

@@ -3,8 +3,8 @@ exports), `w4a4` (the paper), `w4a4kv4`, so one name replaces six flags.
 
 A preset fills only the options the user did not give; an explicit `--w-bits`, `--a-bits`, `--kv-bits`,
 `--weights`, `--group-size`, `--w-asym`/`--w-sym`, `--act-order`/`--no-act-order`, `--w-clip`/`--no-w-clip`,
-`--hessians`, `--calib-acts`, `--o-online`/`--no-o-online`, `--asym-calib`/`--no-asym-calib` or `--method` always
-wins, so a command that names every option does exactly what it did before presets existed.
+`--hessians`, `--calib-acts`, `--o-online`/`--no-o-online`, `--asym-calib`/`--no-asym-calib`, `--asym-targets` or
+`--method` always wins, so a command that names every option does exactly what it did before presets existed.
 Without `--scheme`, the preset is the first whose bits agree with the bits given (so `--a-bits 4` alone means w4a4,
 per-channel weights as in the paper, not w4a16's groups), else w4a16.
 The result is a RunConfig of concrete values: nothing downstream knows presets exist.
@@ -22,10 +22,12 @@ HESSIANS_AUTO = "auto"              # preset marker: one-pass GPTQ Hessians with
 W_CLIP_AUTO = "auto"                # preset marker: the MSE clip search for GPTQ weights without a rotation only
 O_ONLINE_AUTO = "auto"              # preset marker: o_proj's online Hadamard with a rotation, in the streamquant format
 ASYM_CALIB_AUTO = "auto"            # preset marker: asymmetric calibration where GPTQ weights meet quantized activations
+ASYM_TARGETS_AUTO = "auto"          # preset marker: the inputs before the activation quantizer if there is one, else the
+                                    # full-precision model's
 AUTO_GROUP = 0                      # preset marker: the largest of GROUP_CHOICES that divides every linear input
 GROUP_CHOICES = (128, 64, 32)
 PRESET_KEYS = ("method", "w_bits", "a_bits", "kv_bits", "weights", "group_size", "w_symmetric", "act_order", "w_clip",
-               "hessians", "calib_acts", "o_online", "asym_calib")
+               "hessians", "calib_acts", "o_online", "asym_calib", "asym_targets")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Scheme:
     calib_acts: str = "quantized"
     o_online: bool | str = False
     asym_calib: bool | str = False
+    asym_targets: str = ASYM_TARGETS_AUTO
 
 
 SCHEMES = {s.name: s for s in (
@@ -80,7 +83,10 @@ SCHEMES = {s.name: s for s in (
     # better again on every seed: dart 41.88 → 39.13 and QuaRot 43.10 → 40.41 over three (dart 41.97 → 38.76 over
     # five); its shrunk variant (a quarter of the least-squares step, GPTAQ's alpha) gained less (dart seed 0: 40.87
     # against 37.57), and act-order on top nothing (seeds 0/1: 39.43/40.12 against 37.57/40.17).
-    # w4a8/w8a8 keep it off: not measured there.
+    # w4a8/w8a8 keep it off: not measured there. Its targets there are the inputs before the activation quantizer;
+    # the full-precision model's (--asym-targets model, sequential Hessians) measured within noise of them (dart seed 0
+    # 37.24 against 37.57) at ~1.5x the time, and weight-only (dart W4A16 30.10 -> 29.37 over five seeds) at ~2x the
+    # block passes of sequential GPTQ, so no preset turns that on.
     Scheme("w4a4", "dart", 4, 4, 16, "gptq", -1,
            "the paper: per-channel INT4 GPTQ weights, asymmetric per-token INT4 activations", w_clip=True,
            o_online=O_ONLINE_AUTO, asym_calib=ASYM_CALIB_AUTO),
@@ -104,7 +110,7 @@ class Choice:
                                          ("act-order", cfg.act_order and cfg.weights == "gptq"),
                                          ("MSE-clipped", cfg.w_clip),
                                          ("one-pass Hessians", cfg.hessians == "one-pass" and cfg.weights == "gptq"),
-                                         ("asymmetric calibration", cfg.asym_calib),
+                                         (f"asymmetric calibration ({cfg.asym_targets} targets)", cfg.asym_calib),
                                          ("full-precision calibration", cfg.calib_acts == "full" and cfg.a_bits < 16))
                    if on]
         w = "16-bit weights" if cfg.w_bits >= 16 else " ".join([f"W{cfg.w_bits} {cfg.weights.upper()} {group}", *options])
@@ -156,8 +162,11 @@ def build_config(cfg: RunConfig, scheme: str | None, given: dict[str, Any]) -> t
         values["hessians"] = "sequential" if values["method"] == "none" else "one-pass"
     if values["w_clip"] == W_CLIP_AUTO:
         values["w_clip"] = values["method"] == "none" and values["weights"] == "gptq"
-    if values["asym_calib"] == ASYM_CALIB_AUTO:
-        values["asym_calib"] = (asym_calib_applies(values["weights"], values["w_bits"], values["a_bits"])
+    if values["asym_targets"] == ASYM_TARGETS_AUTO:
+        values["asym_targets"] = "input" if values["a_bits"] < 16 else "model"
+    if values["asym_calib"] == ASYM_CALIB_AUTO:   # (measured with the inputs before the activation quantizer)
+        values["asym_calib"] = (asym_calib_applies(values["weights"], values["w_bits"], values["a_bits"], "input")
+                                and values["asym_targets"] == "input"
                                 and values["calib_acts"] == "quantized")
     if values["o_online"] == O_ONLINE_AUTO:   # (no rotation: the plain model; compressed-tensors: not expressible)
         values["o_online"] = values["method"] != "none" and cfg.format in ("auto", "streamquant")

@@ -63,13 +63,19 @@ def test_presets_fill_only_what_was_not_given(tiny_models):
     # asymmetric calibration: on in the W4A4 presets, as given, and never where it cannot apply (16-bit activations,
     # RTN weights, full-precision calibration)
     cfg, choice = build_config(base, "w4a4", none)
-    assert cfg.asym_calib and "asymmetric calibration" in choice.line(cfg)
+    assert cfg.asym_calib and cfg.asym_targets == "input" and "asymmetric calibration (input" in choice.line(cfg)
     assert build_config(base, "w4a4kv4", none)[0].asym_calib
     assert not build_config(base, "w4a4", {**none, "asym_calib": False})[0].asym_calib
     assert not build_config(base, "w4a4", {**none, "weights": "rtn"})[0].asym_calib
     assert not build_config(base, "w4a4", {**none, "calib_acts": "full"})[0].asym_calib
     assert not build_config(base, None, none)[0].asym_calib
     assert not build_config(base, "w4a8", none)[0].asym_calib
+    # its targets: before the activation quantizer where there is one, else the full-precision model's; the presets
+    # turn on only the first (the second costs a full-precision stream), and a user's choice of targets wins
+    cfg = build_config(base, "w4a16", {**none, "asym_calib": True})[0]
+    assert cfg.asym_calib and cfg.asym_targets == "model"
+    assert not build_config(base, "w4a4", {**none, "asym_targets": "model"})[0].asym_calib
+    assert build_config(base, "w4a4", {**none, "asym_targets": "model", "asym_calib": True})[0].asym_targets == "model"
     # the serving presets carry what their compressed-tensors format requires
     cfg, _ = build_config(base, "w4a16-r4", none)
     assert (cfg.w_bits, cfg.a_bits, cfg.group_size, cfg.r4_online) == (4, 16, 32, True)

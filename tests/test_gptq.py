@@ -563,6 +563,32 @@ def test_targets_reach_the_dense_least_squares_optimum():
     assert float((with_targets.weight.double() - optimum).abs().max()) < 4 * step
 
 
+def test_a_partial_target_step_lands_on_the_interpolated_least_squares_weights():
+    """target_step α (GPTAQ's shrink): at 8 bits GPTQ lands on W + α (V − W), V the fp64 least-squares weights of the
+    targets; α = 0 is plain GPTQ to the byte, and out-of-range steps are refused."""
+    torch.manual_seed(24)
+    x = torch.randn(4096, 48) * torch.linspace(0.2, 3.0, 48)
+    t = _targets(x, 24)
+    w = torch.randn(16, 48)
+    cfg = WeightQuantConfig(bits=8)
+    g = GPTQ(48, targets=True)
+    for xs, ts in zip(x.split(1000), t.split(1000)):
+        g.add_batch(xs, ts)
+    optimum = torch.linalg.lstsq(x.double(), t.double() @ w.double().T).solution.T
+    for alpha in (0.25, 0.5):
+        result = g.quantize(w, cfg, damp=1e-4, target_step=alpha)
+        aim = w.double() + alpha * (optimum - w.double())
+        step = float(result.scale.max())
+        assert float((result.weight.double() - aim).abs().max()) < 4 * step, alpha
+        assert float((result.weight.double() - optimum).abs().max()) > 10 * step, alpha   # not the whole step
+    _, plain = _gptq(x, w, cfg, damp=1e-4)
+    none = g.quantize(w, cfg, damp=1e-4, target_step=0.0)
+    assert torch.equal(none.q, plain.q) and torch.equal(none.scale, plain.scale)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="target_step"):
+            g.quantize(w, cfg, target_step=bad)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("group_size,act_order", [(-1, False), (16, True)])
 def test_targets_lower_the_output_error_at_4_bits(seed, group_size, act_order):

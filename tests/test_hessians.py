@@ -199,6 +199,15 @@ def test_full_precision_calibration_resume_after_sigkill_is_byte_identical(tiny_
                                                   [*W4_EXPLICIT, "--a-bits", "4", "--calib-acts", "full"])
 
 
+def test_full_precision_stream_resume_after_sigkill_is_byte_identical(tiny_models, tmp_path):
+    """--asym-targets model: the replay carries the full-precision stream through the finished blocks
+    unquantized (rebuilt with their saved R2), beside the calibration states through the quantized ones; W4A4 dart,
+    so R2, the activation quantizers the stream leaves out and the online transforms all take part."""
+    assert_resume_after_sigkill_is_byte_identical(tiny_models["llama"], tmp_path,
+                                                  [*W4_EXPLICIT, "--a-bits", "4", "--hessians", "sequential",
+                                                   "--asym-calib", "--asym-targets", "model"])
+
+
 def _per_token_int4(t: torch.Tensor, clip: float = 0.9) -> torch.Tensor:
     """The runtime's activation quantizer written out in fp64: per token, asymmetric, range [min, max] ∋ 0 times
     the clip ratio, 15 steps, integer zero point."""
@@ -240,4 +249,53 @@ def test_asym_calib_reproduces_the_output_on_the_unquantized_input(tiny_models, 
         res = run_cli(*run_args(model, out, *w4a4, "--hessians", "one-pass", *extra))
         assert res.returncode == 0, res.stderr
         shares[name] = agreement(out, model, reference)
+    assert shares["asym"] > 0.95 and shares["plain"] < 0.8, shares
+
+
+def test_asym_targets_model_are_the_full_precision_models_inputs(tiny_models, tmp_path):
+    """--asym-calib --asym-targets model (GPTAQ, sequential GPTQ): the run keeps a full-precision stream beside the quantized one,
+    and GPTQ fits each linear's output on the full-precision model's input from the quantized model's input. Checked
+    on block 1's q/k/v of the plain W4A16 model against transformers' own forwards: the original model gives the
+    targets, the model with the run's written (quantized) block 0 the inputs; GPTQ solved on that pair with a
+    quarter step (pipeline.FP_STREAM_STEP) agrees with the run's weights, and a run without the option does not."""
+    from transformers import AutoModelForCausalLM
+
+    from streamquant.pipeline import FP_STREAM_STEP
+
+    model = tiny_models["llama"]
+    calib = str(WIKITEXT / "valid.txt") if (WIKITEXT / "valid.txt").exists() else "default"
+    ids = calibration_windows(tokenize_in_pieces(load_tokenizer(model), read_text(calib)), 48, 6, 5)
+    runs = {}
+    for name, extra in (("asym", ["--asym-calib"]), ("plain", ["--no-asym-calib"])):
+        runs[name] = tmp_path / name
+        res = run_cli(*run_args(model, runs[name], *PLAIN_W4A16, "--hessians", "sequential", "--asym-targets", "model",
+                                *extra))
+        assert res.returncode == 0, res.stderr
+
+    def q_proj_inputs(block0: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        if block0 is not None:   # the quantized model up to block 1's input: block 0 as the run wrote it
+            hf.model.layers[0].load_state_dict(block0, strict=True)
+        seen = []
+        q = hf.model.layers[1].self_attn.q_proj
+        handle = q.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+        with torch.no_grad():
+            hf(ids)
+        handle.remove()
+        return torch.cat(seen)
+
+    out = runs["asym"]
+    spec, manifest = read_spec(out), read_manifest(out)
+    t, x = q_proj_inputs(None), q_proj_inputs(read_block(out, 0, spec, manifest))
+    assert not torch.allclose(x, t)   # the quantized block 0 moved the inputs: there is something to undo
+    gptq = GPTQ(t.shape[1], targets=True)
+    gptq.add_batch(x, t)
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    attn = hf.model.layers[1].self_attn
+    names = ("q_proj", "k_proj", "v_proj")
+    stacked = torch.cat([getattr(attn, n).weight.data for n in names])
+    ref = gptq.quantize(stacked, WeightQuantConfig(bits=4, group_size=16, symmetric=True),
+                        target_step=FP_STREAM_STEP).weight
+    reference = dict(zip((f"1.self_attn.{n}" for n in names), ref.split([getattr(attn, n).out_features for n in names])))
+    shares = {name: agreement(out, model, reference) for name, out in runs.items()}
     assert shares["asym"] > 0.95 and shares["plain"] < 0.8, shares

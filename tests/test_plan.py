@@ -65,16 +65,21 @@ def test_dry_run_writes_nothing(tiny_models, tmp_path):
     assert not out.exists()
 
 
-def test_bench_runs_the_pipeline_on_70b_shaped_blocks(tmp_path):
+@pytest.mark.parametrize("asym_calib", [False, True])
+def test_bench_runs_the_pipeline_on_70b_shaped_blocks(tmp_path, asym_calib):
     """`streamquant bench` at 1/64 scale on CPU: every stage runs, the output is written, the planner's host
-    prediction is within 15 % of the measured peak RSS, and the 80-block extrapolation stays under 16 GiB."""
+    prediction is within 15 % of the measured peak RSS, and the 80-block extrapolation stays under 16 GiB; also with
+    the full-precision stream of --asym-calib under sequential GPTQ (a second state buffer and block)."""
     work = tmp_path / "bench"
     res = run_cli("bench", "--scale", "64", "--blocks", "2", "--samples", "4", "--seqlen", "64", "--device", "cpu",
-                  "--r1-reservoir", "1MiB", "--w-clip", "--workdir", str(work), "--json", timeout=900)
+                  "--r1-reservoir", "1MiB", "--w-clip", "--workdir", str(work), "--json",
+                  *(["--asym-calib", "--asym-targets", "model"] if asym_calib else []), timeout=900)
     assert res.returncode == 0, res.stderr
     out = last_json(res.stdout)
-    assert out["w_clip"] is True and out["hessians"] == "sequential"
-    assert json.loads((work / "out" / "report.json").read_text())["w_clip"] is True   # the run did what was asked
+    assert out["w_clip"] is True and out["hessians"] == "sequential" and out["asym_calib"] is asym_calib
+    assert out["asym_targets"] == ("model" if asym_calib else "input")
+    report = json.loads((work / "out" / "report.json").read_text())
+    assert report["w_clip"] is True and report["asym_calib"] is asym_calib   # the run did what was asked
     assert out["shape"]["hidden_size"] == 8192 // 64 and out["shape"]["intermediate_size"] == 28672 // 64
     assert [b["block"] for b in out["per_block"]] == [0, 1]
     for block in out["per_block"]:
@@ -168,7 +173,9 @@ def test_disk_check_counts_free_space_and_what_a_killed_run_left(tmp_path):
 @pytest.mark.parametrize("bad,message", [
     (["--group-size", "7"], "--group-size 7 does not divide"),
     (["--calib", "no-such-file.txt"], "does not exist"),
-    (["--asym-calib", "--a-bits", "16"], "--asym-calib needs GPTQ weights and quantized activations"),
+    (["--asym-calib", "--a-bits", "16", "--asym-targets", "input"], "--asym-calib needs GPTQ weights (--weights gptq"),
+    (["--asym-calib", "--a-bits", "16", "--hessians", "one-pass"], "--asym-targets model needs --hessians sequential"),
+    (["--asym-calib", "--asym-targets", "fp"], "--asym-targets must be one of input, model"),
     (["--asym-calib", "--a-bits", "4", "--weights", "rtn"], "--asym-calib needs GPTQ weights"),
     (["--asym-calib", "--a-bits", "4", "--calib-acts", "full"], "exclude each other"),
 ])

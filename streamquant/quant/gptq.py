@@ -165,14 +165,19 @@ class GPTQ:
         act_order: bool = False,
         static_groups: bool = False,
         free_hessian: bool = False,
+        target_step: float = 1.0,
     ) -> GPTQResult:
         """Quantize ``weight [out, in]``; returns codes, qparams and the dequantized weight (original order).
 
         ``weight`` is not modified. The accumulated Hessian is kept, so ``quantize`` may be called again, unless
         ``free_hessian``: then its memory becomes the working copy (peak two in×in fp32 matrices instead of three —
         3.3 GB each for a 70B down_proj) and this object cannot quantize again.
+        ``target_step`` (with targets): the fraction of the least-squares step toward the targets' output the scan
+        starts from (GPTAQ's α; 0 ignores the targets).
         """
         self._check(weight, cfg, block_size, damp)
+        if not 0 <= target_step <= 1:
+            raise ValueError(f"target_step must be in [0, 1], got {target_step}")
         out_features, columns = weight.shape
         group_size = cfg.group_size
         grouped = group_size != -1
@@ -192,7 +197,7 @@ class GPTQ:
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
         if self.D is not None:
-            W = self._toward_targets(W, H, damp, free_hessian)
+            W = self._toward_targets(W, H, damp, free_hessian, target_step)
         W[:, dead] = 0.0
 
         # Grids known up front: per channel, or static groups (contiguous groups of the original order).
@@ -255,12 +260,14 @@ class GPTQ:
                 f"[{out_features}, {columns}]"
             )
 
-    def _toward_targets(self, W: Tensor, H: Tensor, damp: float, free: bool) -> Tensor:
+    def _toward_targets(self, W: Tensor, H: Tensor, damp: float, free: bool, step: float) -> Tensor:
         """The weights the scan starts from under targets: the least-squares optimum of ``‖W T − V X‖² + λ‖V − W‖²``
         (the same dampening as the scan's), ``V = W + W D (H + λI)⁻¹`` with ``D = 2/N Σ (t − x) xᵀ``. GPTQ's column
         updates keep the not-yet-quantized columns optimal for the objective the current weights are optimal for,
-        so starting from V they pursue the targets' output instead of the inputs'. ``free``: D's memory is used
-        and released (as ``free_hessian`` does with H)."""
+        so starting from V they pursue the targets' output instead of the inputs'. ``step`` < 1 starts from
+        ``W + step · (V − W)`` instead: a shorter step generalises better where T − X is large and partly noise (a
+        full-precision stream's upstream error). ``free``: D's memory is used and released (as ``free_hessian`` does
+        with H)."""
         if free:
             D, self.D = self.D.mul_(2.0 / self.n_samples), None
         else:
@@ -268,7 +275,7 @@ class GPTQ:
         L = self._damped_cholesky(H.clone(), damp)
         shift = torch.cholesky_solve((W @ D).t().contiguous(), L).t()
         del D, L
-        return W.add_(shift)
+        return W.add_(shift, alpha=step)
 
     def _inverse_factor(self, H: Tensor, damp: float) -> Tensor:
         """Upper Cholesky factor of (H + λI)⁻¹: its rows carry each column's error onto the columns after it."""
