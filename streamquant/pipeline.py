@@ -109,6 +109,7 @@ class Reference:
 
     hidden: torch.Tensor
     layer: nn.Module | None = None
+    to_move: bool = False      # `hidden` still has to become the current block's output (not after the last block)
 
 
 def _token_subset(total: int, count: int, gen: torch.Generator) -> torch.Tensor:
@@ -351,6 +352,7 @@ class Pipeline:
                     layer = build_rotated_layer(engine, i, weights, self.runtime)
                     if reference is not None:   # the same tensors: GPTQ gives `layer` new weights, these stay
                         reference.layer = build_rotated_layer(engine, i, weights, self.reference_runtime)
+                        reference.to_move = not last
                     del weights
                     with activations_unquantized(layer, self.calib_full):
                         if self.one_pass and not self.folds_r2:   # every Hessian from one pass of the unquantized
@@ -366,10 +368,10 @@ class Pipeline:
                                 engine.run_block(layer, states)
                     stats.block["forward_equivalents"] += 1.0 if calib_states is not None else 0.0
                     if reference is not None:
-                        if not last:
+                        if reference.to_move:   # (the block's last Hessian pass did not move them on)
                             engine.run_block(reference.layer, reference.hidden)
                             stats.block["forward_equivalents"] += 1.0
-                        reference.layer = None
+                        reference.layer, reference.to_move = None, False
                 with stats.stage("write"):
                     if self.sink is not None:
                         self.sink.write_block(QuantizedBlock.from_layer(i, layer, self.arch, codes, wcfg, r2))
@@ -578,22 +580,28 @@ class Pipeline:
         groups = [g2 for g2 in range(g, len(stage)) if stage[g2] == stage[g] and g2 not in early]
         hooks = Hooks()
         out = self.hessians(layer, hooks, groups, reference)
-        self.pass_until(layer, hidden, self.arch.gptq_order[g][0] if len(groups) == 1 else None, reference)
+        # the block's last pass runs the full-precision block whole, which moves its states on (saves a forward)
+        move = reference is not None and reference.to_move and groups[-1] == len(stage) - 1
+        self.pass_until(layer, hidden, self.arch.gptq_order[g][0] if len(groups) == 1 else None, reference, move)
         hooks.remove()
         return out
 
     def pass_until(self, layer: nn.Module, hidden: torch.Tensor, stop_at: str | None,
-                   reference: Reference | None = None) -> None:
+                   reference: Reference | None = None, move: bool = False) -> None:
         """One calibration pass for the hooks' sake, stopped at `stop_at`'s input (None: the whole block), with the
-        full-precision block beside it micro-batch by micro-batch where there is a `reference`; its work is counted
-        in units of one full block forward over all calibration samples."""
+        full-precision block beside it micro-batch by micro-batch where there is a `reference` (`move`: that one
+        runs whole and its states become its output); its work is counted in units of one full block forward over
+        all calibration samples."""
         def stop(block: nn.Module) -> nn.Module | None:
             return None if stop_at is None else block.get_submodule(stop_at)
 
-        beside = None if reference is None else (reference.layer, reference.hidden, stop(reference.layer))
+        beside = None if reference is None else (reference.layer, reference.hidden,
+                                                 None if move else stop(reference.layer), move)
         self.engine.run_until(layer, hidden, stop(layer), beside=beside)
         share = 1.0 if stop_at is None else self.arch.share_before(stop_at, self.spec.dims())
-        self.stats.block["forward_equivalents"] += share * (1 if reference is None else 2)
+        self.stats.block["forward_equivalents"] += share + (0 if reference is None else 1.0 if move else share)
+        if move:
+            reference.to_move = False
 
     # ---- finalize ----
     def finish(self, norm_w: torch.Tensor, head_w: torch.Tensor, eval_hidden: torch.Tensor | None,

@@ -139,23 +139,27 @@ class Engine:
 
     @torch.inference_mode()
     def run_until(self, layer: nn.Module, hidden: torch.Tensor, stop_at: nn.Module | None = None, *,
-                  beside: tuple[nn.Module, torch.Tensor, nn.Module | None] | None = None) -> None:
+                  beside: tuple[nn.Module, torch.Tensor, nn.Module | None, bool] | None = None) -> None:
         """Run the block over every sample for its hooks' sake, leaving `hidden` untouched; with `stop_at`, each
         micro-batch stops as soon as that module is about to run (hooks registered on it before still fire).
-        `beside` (another block, its states, its stop module) runs each micro-batch first, so that hooks on `layer`
-        can pair every input with the other block's of the same rows (GPTAQ's targets) one micro-batch at a time."""
-        runs = ([beside] if beside is not None else []) + [(layer, hidden, stop_at)]
+        `beside` (another block, its states, its stop module, whether to move its states) runs each micro-batch
+        first, so that hooks on `layer` can pair every input with the other block's of the same rows (GPTAQ's
+        targets) one micro-batch at a time; moving, it runs whole and its states become its output, in place (as
+        run_block does)."""
+        runs = ([beside] if beside is not None else []) + [(layer, hidden, stop_at, False)]
         seqlen = hidden.shape[1]
         pos, mask = self.position_embeddings(seqlen), self.layer_mask(layer, seqlen)
-        handles = [stop.register_forward_pre_hook(_stop) for _, _, stop in runs if stop is not None]
+        handles = [stop.register_forward_pre_hook(_stop) for _, _, stop, _ in runs if stop is not None]
         try:
             for sl in self.micro_batches(hidden.shape[0]):
-                for block, states, _ in runs:
+                for block, states, _, move in runs:
                     try:
-                        block(states[sl].to(self.device, non_blocking=True), attention_mask=mask,
-                              position_embeddings=pos)
+                        y = block(states[sl].to(self.device, non_blocking=True), attention_mask=mask,
+                                  position_embeddings=pos)
                     except StopForward:
-                        pass
+                        continue
+                    if move:
+                        states[sl].copy_(y[0] if isinstance(y, tuple) else y)
         finally:
             for handle in handles:
                 handle.remove()

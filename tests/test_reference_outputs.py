@@ -19,13 +19,16 @@ import pytest
 
 from conftest import WIKITEXT
 
+# b7c5ba9: the first commit whose CLI has --asym-targets; the full-precision stream's commands below check that later
+# work (its last Hessian pass moving the stream on instead of a forward of its own) writes its bytes, and for the
+# others it writes 54f5536's (this test passed against 54f5536 at b7c5ba9).
 # 54f5536: the first commit whose CLI has --no-asym-calib, which the W4A4 GPTQ commands below now name; for them it
 # writes 6450d0f's bytes (this test passed against 6450d0f at 54f5536, and --asym-calib was off in every preset until
 # after it). 6450d0f: the first commit whose CLI has --no-o-online, which the W4A4 commands below name; for them it
 # writes daed4b7's bytes (this test passed against daed4b7 at 640b828, and --o-online was off in every preset until after
 # 6450d0f). daed4b7: dart one-pass W4A16 learns R2 in the one-pass pass (o_proj's Hessian turned by R2, other
 # rounding); 8bd4aa7 (GPTQ scan gathers errors per column, issue 11), 2c5687d, 34c2f03, 0dbf21c before
-REFERENCE_COMMIT = "54f5536"
+REFERENCE_COMMIT = "b7c5ba9"
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--samples", "4", "--seqlen", "48", "--r1-epochs", "2", "--r2-epochs", "1", "--r1-reservoir", "1MiB", "--seed", "3"]
 SCHEMES = {   # name: (tiny model, options)
@@ -42,6 +45,13 @@ SCHEMES = {   # name: (tiny model, options)
     # bytes as 2c5687d's pass per expert
     "dart-w4a4-gptq-mixtral": ("mixtral", ["--method", "dart", "--w-bits", "4", "--a-bits", "4", "--weights", "gptq",
                                            "--no-w-clip", "--no-o-online", "--no-asym-calib"]),
+    # GPTAQ's full-precision stream beside the quantized one, dense and MoE (expert stages run whole)
+    "dart-w4a16-fp-targets": ("llama", ["--method", "dart", "--w-bits", "4", "--a-bits", "16", "--weights", "gptq",
+                                        "--group-size", "16", "--hessians", "sequential", "--asym-calib",
+                                        "--asym-targets", "model"]),
+    "dart-w4a16-fp-targets-mixtral": ("mixtral", ["--method", "dart", "--w-bits", "4", "--a-bits", "16", "--weights",
+                                                  "gptq", "--hessians", "sequential", "--asym-calib",
+                                                  "--asym-targets", "model"]),
 }
 
 
