@@ -307,26 +307,14 @@ class Pipeline:
         for i in range(done):
             weights = self.dist.from_rank0(self.sink.block_weights(i) if self.sink is not None else None)
             layer = build_rotated_layer(self.engine, i, weights, self.runtime)
-            if reference is not None:
-                original = self.index.load_block(i)
-                saved_r2 = self.dist.same(self.sink.block_r2(i) if self.sink is not None else None)
-                unquantized = build_rotated_layer(self.engine, i, self.rotated_weights(original, r1, saved_r2),
-                                                  self.reference_runtime)
-                del original
-                self.engine.run_block(unquantized, reference.hidden)
-                del unquantized
+            if reference is not None:   # the full-precision stream: the unquantized block, no act/KV quantizers
+                self.engine.run_block(build_rotated_layer(self.engine, i, self.unquantized_weights(i, r1),
+                                                          self.reference_runtime), reference.hidden)
             if self.one_pass and hidden is not None:
-                original = self.index.load_block(i)
-                if self.folds_r2:   # the pass ran the R2 probe
-                    unquantized = self.probe_weights(original, r1)
-                else:
-                    saved_r2 = self.dist.same(self.sink.block_r2(i) if self.sink is not None else None)
-                    unquantized = self.rotated_weights(original, r1, saved_r2)
-                del original
-                with activations_unquantized(build_rotated_layer(self.engine, i, unquantized, self.runtime),
-                                             self.calib_full) as unquantized_layer:
-                    self.engine.run_block(unquantized_layer, hidden)
-                del unquantized, unquantized_layer
+                with activations_unquantized(build_rotated_layer(self.engine, i, self.unquantized_weights(i, r1),
+                                                                 self.runtime), self.calib_full) as unquantized:
+                    self.engine.run_block(unquantized, hidden)
+                del unquantized
             for states in (None if self.one_pass else hidden, eval_hidden):
                 if states is not None:
                     with activations_unquantized(layer, self.calib_full and states is hidden):
@@ -334,6 +322,15 @@ class Pipeline:
             del layer
             release_host_memory()
             self.progress("replay", i + 1, done)
+
+    def unquantized_weights(self, i: int, r1: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Finished block i's weights before quantization, as its run fused them: with the saved R2, or without R2
+        where the R2 probe was the pass (`folds_r2`)."""
+        original = self.index.load_block(i)
+        if self.folds_r2:
+            return self.probe_weights(original, r1)
+        saved_r2 = self.dist.same(self.sink.block_r2(i) if self.sink is not None else None)
+        return self.rotated_weights(original, r1, saved_r2)
 
     # ---- stage 3, per block ----
     def quantize_blocks(self, r1: torch.Tensor | None, done: int, hidden: torch.Tensor | None,

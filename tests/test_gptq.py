@@ -542,20 +542,26 @@ def test_targets_equal_to_the_inputs_change_nothing(act_order):
     assert torch.equal(plain.q, same.q) and torch.equal(plain.scale, same.scale) and plain.loss == same.loss
 
 
-def test_targets_reach_the_dense_least_squares_optimum():
-    """At 8 bits the grid is fine enough that GPTQ with targets must land on the fp64 least-squares weights
-    argmin ‖T Wᵀ − X Vᵀ‖ (up to rounding), where plain GPTQ stays with W's output on X."""
-    torch.manual_seed(22)
+def _least_squares_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, GPTQ, torch.Tensor]:
+    """Inputs x of uneven scale, targets t, a weight w, a GPTQ fed the (x, t) pairs in batches, and the fp64
+    least-squares weights argmin ‖T Wᵀ − X Vᵀ‖ the targets ask for."""
+    torch.manual_seed(seed)
     x = torch.randn(4096, 48) * torch.linspace(0.2, 3.0, 48)
-    t = _targets(x, 22)
+    t = _targets(x, seed)
     w = torch.randn(16, 48)
-    cfg = WeightQuantConfig(bits=8)
     g = GPTQ(48, targets=True)
     for xs, ts in zip(x.split(1000), t.split(1000)):
         g.add_batch(xs, ts)
+    return x, t, w, g, torch.linalg.lstsq(x.double(), t.double() @ w.double().T).solution.T
+
+
+def test_targets_reach_the_dense_least_squares_optimum():
+    """At 8 bits the grid is fine enough that GPTQ with targets must land on the fp64 least-squares weights
+    argmin ‖T Wᵀ − X Vᵀ‖ (up to rounding), where plain GPTQ stays with W's output on X."""
+    x, t, w, g, optimum = _least_squares_case(22)
+    cfg = WeightQuantConfig(bits=8)
     with_targets = g.quantize(w, cfg, damp=1e-4)
     _, plain = _gptq(x, w, cfg, damp=1e-4)
-    optimum = torch.linalg.lstsq(x.double(), t.double() @ w.double().T).solution.T
     best = _target_error(t, x, w, optimum)
     assert _target_error(t, x, w, with_targets.weight) < 1.03 * best
     assert _target_error(t, x, w, plain.weight) > 1.5 * best
@@ -566,15 +572,8 @@ def test_targets_reach_the_dense_least_squares_optimum():
 def test_a_partial_target_step_lands_on_the_interpolated_least_squares_weights():
     """target_step α (GPTAQ's shrink): at 8 bits GPTQ lands on W + α (V − W), V the fp64 least-squares weights of the
     targets; α = 0 is plain GPTQ to the byte, and out-of-range steps are refused."""
-    torch.manual_seed(24)
-    x = torch.randn(4096, 48) * torch.linspace(0.2, 3.0, 48)
-    t = _targets(x, 24)
-    w = torch.randn(16, 48)
+    x, t, w, g, optimum = _least_squares_case(24)
     cfg = WeightQuantConfig(bits=8)
-    g = GPTQ(48, targets=True)
-    for xs, ts in zip(x.split(1000), t.split(1000)):
-        g.add_batch(xs, ts)
-    optimum = torch.linalg.lstsq(x.double(), t.double() @ w.double().T).solution.T
     for alpha in (0.25, 0.5):
         result = g.quantize(w, cfg, damp=1e-4, target_step=alpha)
         aim = w.double() + alpha * (optimum - w.double())
