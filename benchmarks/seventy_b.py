@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--w-clip", action="store_true", help="the w4a4 preset's MSE weight clip search")
     p.add_argument("--asym-calib", action="store_true", help="asymmetric GPTQ calibration")
     p.add_argument("--asym-targets", default="input", help="its targets: input or model (a full-precision stream)")
+    p.add_argument("--refit-scales", type=int, default=0, help="GPTQ's least-squares scale refit, in N rounds")
     p.add_argument("--r1-reservoir", default="256MiB")
     p.add_argument("--workdir", default=None, help="where the synthetic checkpoint and output go (default: a temp dir)")
     args = p.parse_args()
@@ -38,9 +39,9 @@ def main() -> None:
 
     result = seventy_b(BenchConfig(scale=args.scale, blocks=args.blocks, samples=args.samples, seqlen=args.seqlen,
                                    gpu_mem=parse_bytes(args.gpu_mem), device=args.device, dtype=args.dtype,
-                                   weights=args.weights, hessians=args.hessians, w_clip=args.w_clip, asym_calib=args.asym_calib, asym_targets=args.asym_targets, r1_reservoir_bytes=parse_bytes(args.r1_reservoir), workdir=Path(args.workdir) if args.workdir else None))
+                                   weights=args.weights, hessians=args.hessians, w_clip=args.w_clip, asym_calib=args.asym_calib, asym_targets=args.asym_targets, refit_scales=args.refit_scales, r1_reservoir_bytes=parse_bytes(args.r1_reservoir), workdir=Path(args.workdir) if args.workdir else None))
     append_results(f"70B-shape pipeline, scale 1/{args.scale}, {args.blocks} blocks, {args.samples}×{args.seqlen}, "
-                   f"{args.hessians} Hessians{', MSE clip' if args.w_clip else ''}{', asymmetric calibration' if args.asym_calib else ''}, {result['device']}", markdown(result),
+                   f"{args.hessians} Hessians{', MSE clip' if args.w_clip else ''}{', asymmetric calibration' if args.asym_calib else ''}{f', scale refit x{args.refit_scales}' if args.refit_scales else ''}, {result['device']}", markdown(result),
                    result)
     print(json.dumps(result))
 

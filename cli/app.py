@@ -151,6 +151,7 @@ def run_cmd(
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: quantize columns by descending Hessian diagonal (groups stay the contiguous column ranges). [preset]"),
     w_clip: Optional[bool] = typer.Option(None, "--w-clip/--no-w-clip", help="MSE-searched weight clipping (QuaRot w_clip). [preset]"),
     damp: float = typer.Option(0.01, help="GPTQ dampening, relative to the mean of the Hessian diagonal."),
+    refit_scales: Optional[int] = typer.Option(None, "--refit-scales", help="GPTQ: refit each group's scale to the codes the scan chose, by least squares under GPTQ's Hessian, in N rounds (each after the first scans again on the refitted grid; each row keeps its best); 0: off. [preset]"),
     hessians: Optional[str] = typer.Option(None, "--hessians", help="GPTQ Hessians: sequential (each group's inputs through the weights quantized before it) or one-pass (from one pass of the unquantized model: one forward per block instead of ~2.2). [preset]"),
     calib_acts: Optional[str] = typer.Option(None, "--calib-acts", help="What calibration (R2's rows, GPTQ's Hessians, the states carried to the next block) sees of activations: quantized (as the runtime computes them) or full precision (QuaRot's GPTQ); evaluation and output quantize them either way. [preset]"),
     o_online: Optional[bool] = typer.Option(None, "--o-online/--no-o-online", help="An online Hadamard on o_proj's input, across heads (QuaRot's out_proj transform; R2 turns within a head only). streamquant format. [preset]"),
@@ -203,7 +204,8 @@ def run_cmd(
                                                   w_symmetric=None if w_asym is None else not w_asym,
                                                   act_order=act_order, w_clip=w_clip, hessians=hessians,
                                                   calib_acts=calib_acts, o_online=o_online,
-                                                  asym_calib=asym_calib, asym_targets=asym_targets))
+                                                  asym_calib=asym_calib, asym_targets=asym_targets,
+                                                  refit_scales=refit_scales))
     out_dir = None if no_write else Path(out) if out is not None else default_out(model, choice.scheme)
     cfg.out = out_dir
     if dry_run:
@@ -331,6 +333,7 @@ def bench_cmd(
     w_clip: bool = typer.Option(False, "--w-clip/--no-w-clip", help="The w4a4 preset's MSE weight clip search (off: comparable with earlier entries)."),
     asym_calib: bool = typer.Option(False, "--asym-calib/--no-asym-calib", help="Asymmetric calibration of GPTQ (off: comparable with earlier entries)."),
     asym_targets: str = typer.Option("input", "--asym-targets", help="Its targets: input (before the activation quantizer) or model (a full-precision stream; sequential Hessians)."),
+    refit_scales: int = typer.Option(0, "--refit-scales", help="GPTQ's least-squares scale refit, in N rounds (0: off, comparable with earlier entries)."),
     r1_reservoir: str = typer.Option("256MiB", help="Byte budget of the sampled R1 calibration reservoir."),
     workdir: Optional[str] = typer.Option(None, help="Keep the synthetic checkpoint and output here (default: temp, removed)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last stdout line."),
@@ -340,7 +343,7 @@ def bench_cmd(
     from streamquant.bench import BenchConfig, markdown, seventy_b
 
     cfg = BenchConfig(scale=scale, blocks=blocks, samples=samples, seqlen=seqlen, gpu_mem=parse_bytes(gpu_mem),
-                      device=device, dtype=dtype, weights=weights, hessians=hessians, w_clip=w_clip, asym_calib=asym_calib, asym_targets=asym_targets, r1_reservoir_bytes=parse_bytes(r1_reservoir), workdir=Path(workdir) if workdir else None)
+                      device=device, dtype=dtype, weights=weights, hessians=hessians, w_clip=w_clip, asym_calib=asym_calib, asym_targets=asym_targets, refit_scales=refit_scales, r1_reservoir_bytes=parse_bytes(r1_reservoir), workdir=Path(workdir) if workdir else None)
     with stage_progress() as on_progress:
         result = seventy_b(cfg, on_progress)
     if as_json:

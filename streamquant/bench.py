@@ -63,6 +63,7 @@ class BenchConfig:
     asym_calib: bool = False              # asymmetric GPTQ calibration; off by default, as w_clip
     asym_targets: str = "input"           # its targets: input (before the act quantizer) or model (a full-precision
                                           # stream)
+    refit_scales: int = 0                 # GPTQ's least-squares scale refit, in this many rounds (0: off)
     r1_reservoir_bytes: int = 256 << 20   # R1 trains on this many bytes of sampled rows (QR steps scale with it)
     workdir: Path | None = None        # keep the synthetic checkpoint and output here (default: a temp dir, removed)
 
@@ -85,7 +86,7 @@ def seventy_b(cfg: BenchConfig, on_progress=None) -> dict:
     try:
         run_cfg = RunConfig(model=str(model), out=out, method="dart", weights=cfg.weights, w_bits=4, a_bits=4,
                             hessians=cfg.hessians, w_clip=cfg.w_clip, asym_calib=cfg.asym_calib,
-                            asym_targets=cfg.asym_targets,
+                            asym_targets=cfg.asym_targets, refit_scales=cfg.refit_scales,
                             samples=cfg.samples, seqlen=cfg.seqlen, dtype=cfg.dtype, device=cfg.device,
                             r1_reservoir_bytes=cfg.r1_reservoir_bytes,
                             gpu_mem=cfg.gpu_mem if device.type == "cuda" else None)
@@ -114,6 +115,7 @@ def seventy_b(cfg: BenchConfig, on_progress=None) -> dict:
         "shape": shape, "scale": cfg.scale, "blocks": cfg.blocks, "samples": cfg.samples, "seqlen": cfg.seqlen,
         "device": report["device"], "dtype": report["dtype"], "micro_batch": report["micro_batch"],
         "weights": cfg.weights, "hessians": cfg.hessians, "w_clip": cfg.w_clip, "asym_calib": cfg.asym_calib, "asym_targets": cfg.asym_targets,
+        "refit_scales": cfg.refit_scales,
         "gpu_budget_bytes": run_cfg.gpu_mem, "checkpoint_write_seconds": write_seconds,
         "stage_seconds": report["stage_seconds"], "per_block": report["blocks"],
         "per_block_seconds_median": statistics.median(per_block),

@@ -558,7 +558,8 @@ class Pipeline:
             # with several ranks, one owner per group solves (round-robin) and broadcasts the result
             solve = partial(gptq.quantize, stacked, wcfg, act_order=self.cfg.act_order, damp=self.cfg.damp,
                             free_hessian=True,
-                            target_step=FP_STREAM_STEP if reference is not None else INPUT_TARGET_STEP)
+                            target_step=FP_STREAM_STEP if reference is not None else INPUT_TARGET_STEP,
+                            refit_rounds=self.cfg.refit_scales)
             result = self.dist.solve(len(self.arch.gptq_order) * self.stats.block["block"] + g, solve)
             del gptq, stacked, solve
             for name, part in zip(group, result.split([w.shape[0] for w in weights])):
@@ -609,7 +610,7 @@ class Pipeline:
             "model": str(p.model_dir), "method": cfg.method, "weights": cfg.weights, "w_bits": cfg.w_bits,
             "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits, "group_size": cfg.group_size, "w_symmetric": cfg.w_symmetric,
             "act_order": cfg.act_order, "w_clip": cfg.w_clip, "hessians": cfg.hessians, "calib_acts": cfg.calib_acts,
-            "asym_calib": cfg.asym_calib, "asym_targets": cfg.asym_targets,
+            "asym_calib": cfg.asym_calib, "asym_targets": cfg.asym_targets, "refit_scales": cfg.refit_scales,
             "samples": cfg.samples,
             "seqlen": cfg.seqlen, "seed": cfg.seed, "device": str(self.device), "format": p.format.name,
             "dtype": str(p.dtype).removeprefix("torch."), "micro_batch": self.engine.micro_batch,

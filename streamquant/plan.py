@@ -48,6 +48,7 @@ class Workload:
     r4_stored: bool = False           # compressed-tensors export with R4 online: a dense fp32 R4 per block
     one_pass_hessians: bool = False   # GPTQ: every group's Hessian filled in one pass, so all are held at once
     asym_calib: bool = False          # GPTQ with targets: a second in×in matrix beside each Hessian
+    refit: bool = False               # GPTQ refits its scales: H + λI beside the inverse factor, the start kept
     fp_stream: bool = False           # ... from a full-precision stream: its states and its unquantized block
     ranks: int = 1                    # torchrun processes: a rank holds its share of the windows, all sampled rows
 
@@ -218,7 +219,7 @@ def _weight_quant_moments(spec, work: Workload, block: int, forward: int, stored
     shape = {lin.name: (dims[lin.out], dims[lin.inp]) for lin in spec.arch.linears}
     stacked = max(sum(shape[n][0] for n in group) * shape[group[0]][1] for group in spec.arch.gptq_order)
     held = 2 if work.asym_calib else 1   # --asym-calib: the target cross term D beside each Hessian
-    solve = _solve_bytes(stacked, hessian, b, work.asym_calib)
+    solve = _solve_bytes(stacked, hessian, b, work.asym_calib, work.refit)
     stage = spec.arch.gptq_stage
     if not work.one_pass_hessians and len(set(stage)) == len(stage):
         return [Moment(block + forward + held * hessian, stored), Moment(block + solve, stored)]
@@ -229,20 +230,23 @@ def _weight_quant_moments(spec, work: Workload, block: int, forward: int, stored
     filled = [[g2 for g2 in range(len(groups)) if work.one_pass_hessians or stage[g2] == stage[g]]
               for g in range(len(groups))]
     passes = max(sum(held * groups[g2][1] for g2 in same) for same in filled)
-    solves = [_solve_bytes(rows, hg, b, work.asym_calib) + sum(held * groups[g2][1] for g2 in same if g2 > g)
+    solves = [_solve_bytes(rows, hg, b, work.asym_calib, work.refit) + sum(held * groups[g2][1] for g2 in same if g2 > g)
               for g, ((rows, hg), same) in enumerate(zip(groups, filled))]
     return [Moment(block + forward + passes, stored), Moment(block + max(solves), stored)]
 
 
-def _solve_bytes(weights: int, hessian: int, b: int, targets: bool) -> int:
+def _solve_bytes(weights: int, hessian: int, b: int, targets: bool, refit: bool = False) -> int:
     """One GPTQ.quantize of `weights` elements (a group's stacked rows) against an in×in fp32 `hessian`: the stacked
     copy in the block dtype; at the Cholesky H (in the sum's memory) and L beside the fp32 work copy W, later one
     inverse factor beside W, the codes and the result. With targets, first the least-squares start: H, D, H's damped
-    copy and its factor beside W, then D's product with W and its solve (two transposed copies)."""
+    copy and its factor beside W, then D's product with W and its solve (two transposed copies). With the scale
+    refit, H + λI beside the inverse factor, and the scan's start, a scan's copy of it, its codes and the best codes."""
     w4 = weights * 4
     solve = max(2 * hessian + w4, hessian + 3 * w4)
     if targets:
         solve = max(solve, 4 * hessian + w4, 3 * hessian + 4 * w4)
+    if refit:
+        solve = max(solve, 2 * hessian + 4 * w4)
     return weights * b + solve
 
 

@@ -58,6 +58,7 @@ class RunConfig:
     act_order: bool = False
     w_clip: bool = False              # MSE-searched weight clipping (QuaRot w_clip)
     damp: float = 0.01                # GPTQ dampening, relative to mean(diag H)
+    refit_scales: int = 0             # GPTQ: rounds of the least-squares refit of the scales to the codes (0: off)
     hessians: str = "sequential"      # GPTQ inputs: sequential (through the quantized weights before) | one-pass
     calib_acts: str = "quantized"     # what calibration passes see of activations: quantized (as the runtime) | full
     a_clip: float = 0.9
@@ -104,6 +105,11 @@ class RunConfig:
             raise UserError(f"--calib-acts must be one of {', '.join(CALIB_ACTS)} (got {self.calib_acts!r})")
         if not self.damp >= 0:
             raise UserError(f"--damp must be >= 0 (got {self.damp})")
+        if self.refit_scales < 0:
+            raise UserError(f"--refit-scales must be >= 0 (got {self.refit_scales})")
+        if self.refit_scales and not (self.weights == "gptq" and self.w_bits < 16):
+            raise UserError("--refit-scales needs GPTQ weights (--weights gptq, --w-bits below 16): it refits the "
+                            "scales GPTQ's scan chose codes for, under GPTQ's Hessian")
         if not 0 < self.a_clip <= 1:
             raise UserError(f"--a-clip must be in (0, 1] (got {self.a_clip})")
         if self.format not in FORMATS:
@@ -187,6 +193,7 @@ class RunConfig:
                         held_text_bytes=int(calib_bytes * (1 + 8 / BYTES_PER_TOKEN)),
                         group_size=self.group_size, w_asym=not self.w_symmetric,
                         one_pass_hessians=self.hessians == "one-pass", asym_calib=self.asym_calib,
+                        refit=self.refit_scales > 0,
                         fp_stream=self.asym_calib and self.asym_targets == "model",
                         r4_stored=self.r4_online and self.method != "none"
                         and self.resolved_format in COMPRESSED_TENSORS)

@@ -3,8 +3,8 @@ exports), `w4a4` (the paper), `w4a4kv4`, so one name replaces six flags.
 
 A preset fills only the options the user did not give; an explicit `--w-bits`, `--a-bits`, `--kv-bits`,
 `--weights`, `--group-size`, `--w-asym`/`--w-sym`, `--act-order`/`--no-act-order`, `--w-clip`/`--no-w-clip`,
-`--hessians`, `--calib-acts`, `--o-online`/`--no-o-online`, `--asym-calib`/`--no-asym-calib`, `--asym-targets` or
-`--method` always wins, so a command that names every option does exactly what it did before presets existed.
+`--hessians`, `--calib-acts`, `--o-online`/`--no-o-online`, `--asym-calib`/`--no-asym-calib`, `--asym-targets`,
+`--refit-scales` or `--method` always wins, so a command that names every option does exactly what it did before presets existed.
 Without `--scheme`, the preset is the first whose bits agree with the bits given (so `--a-bits 4` alone means w4a4,
 per-channel weights as in the paper, not w4a16's groups), else w4a16.
 The result is a RunConfig of concrete values: nothing downstream knows presets exist.
@@ -27,7 +27,7 @@ ASYM_TARGETS_AUTO = "auto"          # preset marker: the inputs before the activ
 AUTO_GROUP = 0                      # preset marker: the largest of GROUP_CHOICES that divides every linear input
 GROUP_CHOICES = (128, 64, 32)
 PRESET_KEYS = ("method", "w_bits", "a_bits", "kv_bits", "weights", "group_size", "w_symmetric", "act_order", "w_clip",
-               "hessians", "calib_acts", "o_online", "asym_calib", "asym_targets")
+               "hessians", "calib_acts", "o_online", "asym_calib", "asym_targets", "refit_scales")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class Scheme:
     o_online: bool | str = False
     asym_calib: bool | str = False
     asym_targets: str = ASYM_TARGETS_AUTO
+    refit_scales: int | str = 0
 
 
 SCHEMES = {s.name: s for s in (
@@ -111,6 +112,7 @@ class Choice:
                                          ("MSE-clipped", cfg.w_clip),
                                          ("one-pass Hessians", cfg.hessians == "one-pass" and cfg.weights == "gptq"),
                                          (f"asymmetric calibration ({cfg.asym_targets} targets)", cfg.asym_calib),
+                                         (f"scales refitted ({cfg.refit_scales} rounds)", cfg.refit_scales > 0),
                                          ("full-precision calibration", cfg.calib_acts == "full" and cfg.a_bits < 16))
                    if on]
         w = "16-bit weights" if cfg.w_bits >= 16 else " ".join([f"W{cfg.w_bits} {cfg.weights.upper()} {group}", *options])

@@ -623,3 +623,138 @@ def test_targets_kept_unless_free_hessian():
     first, again, freed = g.quantize(w, cfg), g.quantize(w, cfg), g.quantize(w, cfg, free_hessian=True)
     assert torch.equal(first.q, again.q) and torch.equal(first.q, freed.q)
     assert g.D is None and g.S is None
+
+
+# ------------------------------------------------------------------------------------ (f) refitted scales, rounds
+
+
+def _damped_fp64(x: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """H + λI from the inputs themselves, in fp64: 2/N XᵀX, λ = damp · mean(diag)."""
+    H = 2.0 / x.shape[0] * (x.double().T @ x.double())
+    return H + damp * H.diag().mean() * torch.eye(H.shape[0], dtype=torch.float64)
+
+
+def _row_objective(v: torch.Tensor, w_hat: torch.Tensor, Hd: torch.Tensor) -> torch.Tensor:
+    """Each row's (v − ŵ)ᵀ (H + λI) (v − ŵ) in fp64."""
+    d = v.double() - w_hat.double()
+    return ((d @ Hd) * d).sum(1)
+
+
+def _least_squares_scales(v: torch.Tensor, q: torch.Tensor, zero: torch.Tensor, Hd: torch.Tensor,
+                          group_size: int) -> torch.Tensor:
+    """The fp64 scales s minimising (v − M s)ᵀ (H + λI) (v − M s) row by row, M's column g the row's (q − z) on group
+    g's columns and zero elsewhere: the normal equations, solved densely."""
+    out, cols = q.shape
+    n_groups = 1 if group_size == -1 else cols // group_size
+    size = cols // n_groups
+    best = torch.empty(out, n_groups, dtype=torch.float64)
+    for r in range(out):
+        base = q[r].double() - zero[r].double().repeat_interleave(size)
+        M = torch.zeros(cols, n_groups, dtype=torch.float64)
+        for g in range(n_groups):
+            M[g * size:(g + 1) * size, g] = base[g * size:(g + 1) * size]
+        best[r] = torch.linalg.solve(M.T @ Hd @ M, M.T @ Hd @ v[r].double())
+    return best
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size,act_order", [(-1, False), (16, False), (16, True)])
+def test_refitted_scales_are_the_least_squares_fit_to_the_codes(group_size, act_order, symmetric):
+    """One refit round keeps GPTQ's codes and zero points and replaces its scales by the fp64 least-squares scales
+    for them under the scan's objective, which no row's loss may then exceed; the reported loss is that objective."""
+    x = _correlated_inputs(1024, 64, seed=31)
+    w = torch.randn(12, 64, generator=torch.Generator().manual_seed(31))
+    cfg = WeightQuantConfig(bits=4, group_size=group_size, symmetric=symmetric)
+    g, plain = _gptq(x, w, cfg, act_order=act_order, block_size=24)
+    refit = g.quantize(w, cfg, act_order=act_order, block_size=24, refit_rounds=1)
+    assert torch.equal(refit.q, plain.q) and torch.equal(refit.zero, plain.zero)
+    Hd = _damped_fp64(x)
+    best = _least_squares_scales(w, refit.q, refit.zero, Hd, group_size)
+    torch.testing.assert_close(refit.scale.double(), best, rtol=1e-4, atol=1e-7)
+    assert not torch.equal(refit.scale, plain.scale)
+    before, after = _row_objective(w, plain.weight, Hd), _row_objective(w, refit.weight, Hd)
+    assert bool((after <= before * (1 + 1e-5)).all()) and float(after.sum()) < 0.99 * float(before.sum())
+    torch.testing.assert_close(refit.row_loss.double(), after / 2, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size,act_order", [(-1, False), (16, False), (16, True)])
+def test_refit_rounds_never_raise_a_row_loss(group_size, act_order, symmetric):
+    """Further rounds scan again on the refitted grid and refit: each row's fp64 objective falls or stays, round by
+    round, the reported loss stays that objective, and three rounds beat one."""
+    x = _correlated_inputs(1024, 64, seed=32)
+    w = torch.randn(12, 64, generator=torch.Generator().manual_seed(32))
+    cfg = WeightQuantConfig(bits=4, group_size=group_size, symmetric=symmetric)
+    g = GPTQ(64)
+    g.add_batch(x)
+    Hd = _damped_fp64(x)
+    previous = None
+    totals = {}
+    for rounds in (0, 1, 2, 3, 6):
+        result = g.quantize(w, cfg, act_order=act_order, block_size=24, refit_rounds=rounds)
+        objective = _row_objective(w, result.weight, Hd)
+        torch.testing.assert_close(result.row_loss.double(), objective / 2, rtol=1e-4, atol=1e-6)
+        assert torch.equal(dequantize_weight(result.q, result.scale, result.zero, group_size), result.weight)
+        if previous is not None:
+            assert bool((objective <= previous * (1 + 1e-5)).all()), rounds
+        previous, totals[rounds] = objective, float(objective.sum())
+    assert totals[3] < 0.99 * totals[1]
+
+
+def test_refit_follows_the_targets_start():
+    """Under targets the scan starts from the interpolated least-squares weights v = W + α W D (H + λI)⁻¹, and the
+    refit fits the scales to the codes under the objective around that v (fp64, from x and t directly)."""
+    x, t, w, g, _ = _least_squares_case(33)
+    cfg = WeightQuantConfig(bits=4, group_size=16)
+    alpha = 0.25
+    refit = g.quantize(w, cfg, act_order=True, target_step=alpha, refit_rounds=1)
+    plain = g.quantize(w, cfg, act_order=True, target_step=alpha)
+    Hd = _damped_fp64(x)
+    D = 2.0 / x.shape[0] * ((t.double() - x.double()).T @ x.double())
+    v = w.double() + alpha * torch.linalg.solve(Hd, (w.double() @ D).T).T
+    torch.testing.assert_close(refit.scale.double(), _least_squares_scales(v, refit.q, refit.zero, Hd, 16),
+                               rtol=1e-4, atol=1e-7)
+    assert float(_row_objective(v, refit.weight, Hd).sum()) < float(_row_objective(v, plain.weight, Hd).sum())
+
+
+def test_refit_keeps_bf16_scales_exact():
+    """Refitted scales are rounded to the weight dtype before the objective decides (the export stores that dtype),
+    so the dequantized weight is exactly codes × stored scales."""
+    x = _correlated_inputs(512, 64, seed=34)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(34))
+    cfg = WeightQuantConfig(bits=4, group_size=16)
+    g = GPTQ(64)
+    g.add_batch(x.to(torch.bfloat16))
+    plain = g.quantize(w.to(torch.bfloat16), cfg, act_order=True)
+    refit = g.quantize(w.to(torch.bfloat16), cfg, act_order=True, refit_rounds=3)
+    assert refit.scale.dtype == torch.bfloat16 and not torch.equal(refit.scale, plain.scale)
+    assert torch.equal(dequantize_weight(refit.q, refit.scale, refit.zero, 16), refit.weight)
+    assert refit.loss < plain.loss
+
+
+def test_refit_rounds_must_be_a_count():
+    g = GPTQ(16)
+    g.add_batch(torch.randn(64, 16))
+    with pytest.raises(ValueError, match="refit_rounds"):
+        g.quantize(torch.randn(4, 16), WeightQuantConfig(bits=4), refit_rounds=-1)
+
+
+def test_refit_in_row_chunks_equals_all_rows_at_once(monkeypatch):
+    """The refit bounds its G×G systems' memory by going through the rows in chunks (and a group's stacked rows are
+    refitted together): each row's result is its own, up to the summation order of a differently sized product."""
+    from streamquant.quant import gptq as gptq_module
+
+    x = _correlated_inputs(512, 64, seed=35)
+    w = torch.randn(30, 64, generator=torch.Generator().manual_seed(35))
+    cfg = WeightQuantConfig(bits=4, group_size=16)
+    g = GPTQ(64)
+    g.add_batch(x)
+    whole = [g.quantize(w, cfg, act_order=True, refit_rounds=rounds) for rounds in (1, 3)]
+    alone = [g.quantize(w[:11], cfg, act_order=True, refit_rounds=rounds) for rounds in (1, 3)]
+    monkeypatch.setattr(gptq_module, "_REFIT_SYSTEM", 7 * 16)   # 7 rows of 4×4 systems per chunk
+    chunked = [g.quantize(w, cfg, act_order=True, refit_rounds=rounds) for rounds in (1, 3)]
+    for a, b, part in zip(whole, chunked, alone):
+        assert torch.equal(a.q, b.q) and torch.equal(a.q[:11], part.q)
+        torch.testing.assert_close(a.scale, b.scale, rtol=1e-5, atol=0)
+        torch.testing.assert_close(a.scale[:11], part.scale, rtol=1e-5, atol=0)
+        torch.testing.assert_close(a.row_loss, b.row_loss, rtol=1e-4, atol=1e-6)

@@ -69,17 +69,20 @@ def test_dry_run_writes_nothing(tiny_models, tmp_path):
 def test_bench_runs_the_pipeline_on_70b_shaped_blocks(tmp_path, asym_calib):
     """`streamquant bench` at 1/64 scale on CPU: every stage runs, the output is written, the planner's host
     prediction is within 15 % of the measured peak RSS, and the 80-block extrapolation stays under 16 GiB; also with
-    the full-precision stream of --asym-calib under sequential GPTQ (a second state buffer and block)."""
+    the full-precision stream of --asym-calib under sequential GPTQ (a second state buffer and block) and GPTQ's
+    scale refit (H + λI beside the inverse factor, the scan's start and a second scan's copies)."""
     work = tmp_path / "bench"
     res = run_cli("bench", "--scale", "64", "--blocks", "2", "--samples", "4", "--seqlen", "64", "--device", "cpu",
                   "--r1-reservoir", "1MiB", "--w-clip", "--workdir", str(work), "--json",
-                  *(["--asym-calib", "--asym-targets", "model"] if asym_calib else []), timeout=900)
+                  *(["--asym-calib", "--asym-targets", "model", "--refit-scales", "2"] if asym_calib else []),
+                  timeout=900)
     assert res.returncode == 0, res.stderr
     out = last_json(res.stdout)
     assert out["w_clip"] is True and out["hessians"] == "sequential" and out["asym_calib"] is asym_calib
     assert out["asym_targets"] == ("model" if asym_calib else "input")
     report = json.loads((work / "out" / "report.json").read_text())
     assert report["w_clip"] is True and report["asym_calib"] is asym_calib   # the run did what was asked
+    assert report["refit_scales"] == out["refit_scales"] == (2 if asym_calib else 0)
     assert out["shape"]["hidden_size"] == 8192 // 64 and out["shape"]["intermediate_size"] == 28672 // 64
     assert [b["block"] for b in out["per_block"]] == [0, 1]
     for block in out["per_block"]:
@@ -178,6 +181,8 @@ def test_disk_check_counts_free_space_and_what_a_killed_run_left(tmp_path):
     (["--asym-calib", "--asym-targets", "fp"], "--asym-targets must be one of input, model"),
     (["--asym-calib", "--a-bits", "4", "--weights", "rtn"], "--asym-calib needs GPTQ weights"),
     (["--asym-calib", "--a-bits", "4", "--calib-acts", "full"], "exclude each other"),
+    (["--refit-scales", "-1"], "--refit-scales must be >= 0"),
+    (["--refit-scales", "2", "--weights", "rtn"], "--refit-scales needs GPTQ weights"),
 ])
 def test_bad_run_options_refused_before_the_output_exists(tiny_models, tmp_path, bad, message):
     out = tmp_path / "out"

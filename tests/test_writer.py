@@ -41,6 +41,7 @@ def hf_ppl(model_dir: Path, text: Path, seqlen: int, windows: int) -> float:
 
 
 @pytest.mark.parametrize("arch,extra", [("llama", ["--weights", "gptq", "--group-size", "16"]),
+                                        ("llama", ["--weights", "gptq", "--group-size", "16", "--refit-scales", "2"]),
                                         ("qwen2", ["--weights", "rtn", "--method", "quarot"]),
                                         ("qwen3", ["--weights", "gptq", "--group-size", "16"]),
                                         ("phi3", ["--weights", "gptq", "--group-size", "16"])])

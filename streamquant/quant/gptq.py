@@ -60,6 +60,9 @@ _DAMP_RETRIES = 3  # retries use max(damp, 1e-3) · 10, · 100, · 1000
 # matmul large. 192 measured fastest on the idle 2-core CPU for widths 576 and 1536 (8192 rows: 0.029 → 0.022 s and
 # 0.208 → 0.132 s against one full addmm); a 70B-shaped scale-4 block's GPTQ stage went 43–46 → 40–41 s.
 _GRAM_BLOCK = 192
+# The most floats the scale refit's G×G systems take at once (``_fit_scales`` goes through the rows in chunks): 2²⁴
+# floats are 64 MB, where a 70B down_proj's 8192 rows of 224² would be 1.6 GB.
+_REFIT_SYSTEM = 1 << 24
 
 
 @dataclass
@@ -166,6 +169,7 @@ class GPTQ:
         static_groups: bool = False,
         free_hessian: bool = False,
         target_step: float = 1.0,
+        refit_rounds: int = 0,
     ) -> GPTQResult:
         """Quantize ``weight [out, in]``; returns codes, qparams and the dequantized weight (original order).
 
@@ -178,6 +182,8 @@ class GPTQ:
         self._check(weight, cfg, block_size, damp)
         if not 0 <= target_step <= 1:
             raise ValueError(f"target_step must be in [0, 1], got {target_step}")
+        if refit_rounds < 0:
+            raise ValueError(f"refit_rounds must be >= 0, got {refit_rounds}")
         out_features, columns = weight.shape
         group_size = cfg.group_size
         grouped = group_size != -1
@@ -221,8 +227,13 @@ class GPTQ:
 
         Hinv = self._inverse_factor(H, damp)
         del H
+        start = W.clone() if refit_rounds else None   # the scan updates W in place
         codes, losses = self._scan(W, Hinv, scales, zeros, col_group, cfg, block_size, static_groups, scale_dtype)
-        del W, Hinv
+        del W
+        if refit_rounds:
+            codes, losses = self._refit(start, codes, losses, Hinv, scales, zeros, col_group, cfg, block_size,
+                                        scale_dtype, refit_rounds)
+        del Hinv, start
         if perm is not None:
             codes = codes[:, torch.argsort(perm)]
 
@@ -276,6 +287,64 @@ class GPTQ:
         shift = torch.cholesky_solve((W @ D).t().contiguous(), L).t()
         del D, L
         return W.add_(shift, alpha=step)
+
+    def _refit(self, start: Tensor, codes: Tensor, losses: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor,
+               col_group: list[int], cfg: WeightQuantConfig, block_size: int, scale_dtype: torch.dtype,
+               rounds: int) -> tuple[Tensor, Tensor]:
+        """Refit the scales the scan used to the codes it chose (``_fit_scales``), then, ``rounds − 1`` times, scan
+        again from ``start`` on the refitted grid and refit again, each row keeping its best round: the codes were
+        chosen for the old grid, and the grid's least-squares fit to the codes moves it. Every step minimises the
+        scan's own objective ``(v − ŵ)ᵀ (H + λI) (v − ŵ)`` over codes or scales, so no row's loss rises; it settles
+        within a few rounds. Scan order throughout; updates ``scales`` in place and returns codes and row losses."""
+        damped = torch.cholesky_inverse(Hinv, upper=True)   # (Uᵀ U)⁻¹ = H + λI, in scan order
+        groups = torch.tensor(col_group, device=self.device)
+        losses = self._fit_scales(start, codes, losses, damped, groups, scales, zeros, scale_dtype)
+        for _ in range(rounds - 1):
+            grid = scales.clone()
+            again, loss = self._scan(start.clone(), Hinv, grid, zeros.clone(), col_group, cfg, block_size, True,
+                                     scale_dtype)
+            loss = self._fit_scales(start, again, loss, damped, groups, grid, zeros, scale_dtype)
+            better = loss < losses
+            if not bool(better.any()):
+                break
+            codes[better], scales[better], losses[better] = again[better], grid[better], loss[better]
+        return codes, losses
+
+    @staticmethod
+    def _fit_scales(start: Tensor, codes: Tensor, losses: Tensor, damped: Tensor, groups: Tensor, scales: Tensor,
+                    zeros: Tensor, scale_dtype: torch.dtype) -> Tensor:
+        """Each row's group scales fitted by least squares to fixed codes (and zero points): ``ŵ = Σ_g s_g (q − z)_g``
+        is linear in the scales, so ``(v − ŵ)ᵀ (H + λI) (v − ŵ)`` has its minimum at the solution of a G×G system per
+        row. A row takes the fitted scales, rounded to the scale dtype, only where they lower that objective.
+        ``start`` (v) and ``codes`` in scan order, ``groups`` each column's group, ``losses`` the rows' objective / 2
+        with the present scales (the scan's); updates ``scales`` in place and returns the new ``losses``. Rows go in
+        chunks whose systems take at most ``_REFIT_SYSTEM`` floats (a 70B down_proj has 224² per row)."""
+        out_features, n_groups = scales.shape
+        members = [(groups == h).nonzero().squeeze(1) for h in range(n_groups)]
+        losses = losses.clone()
+        step = max(1, _REFIT_SYSTEM // (n_groups * n_groups))
+        for r1 in range(0, out_features, step):
+            rows = slice(r1, min(r1 + step, out_features))
+            s, base = scales[rows], codes[rows] - zeros[rows][:, groups]   # q − z: ŵ = base · s, column by column
+            A = torch.zeros(base.shape[0], n_groups, n_groups, device=base.device)
+            for h, columns in enumerate(members):   # A[r, g, h] = (q − z)_g (H + λI)_gh (q − z)_h
+                A[:, :, h].index_add_(1, groups, (base[:, columns] @ damped[columns]).mul_(base))
+            b = torch.zeros_like(s).index_add_(1, groups, (start[rows] @ damped).mul_(base))   # (q − z)_g (H + λI) v
+            del base
+            empty = A.diagonal(dim1=1, dim2=2) == 0   # a group whose codes are all zero: its scale does not matter
+            system = A.clone()
+            system.diagonal(dim1=1, dim2=2)[empty] = 1.0
+            fitted = torch.linalg.solve_ex(system, torch.where(empty, s, b))[0].to(scale_dtype).float()
+            del system
+            # the objective's change, δᵀAδ + 2 δᵀ(A s − b) for δ = fitted − s: small terms, where the objective
+            # itself (sᵀAs − 2 bᵀs + vᵀ(H + λI)v) would lose its digits to cancellation
+            change = fitted - s
+            gradient = (A @ s.unsqueeze(2)).squeeze(2) - b
+            rise = (change.unsqueeze(1) @ A @ change.unsqueeze(2)).view(-1) + 2 * (change * gradient).sum(1)
+            better = (rise < 0) & torch.isfinite(fitted).all(1) & ((fitted > 0) | empty).all(1)
+            s[better] = fitted[better]
+            losses[rows] = torch.where(better, losses[rows] + rise / 2, losses[rows]).clamp_min(0)
+        return losses
 
     def _inverse_factor(self, H: Tensor, damp: float) -> Tensor:
         """Upper Cholesky factor of (H + λI)⁻¹: its rows carry each column's error onto the columns after it."""
