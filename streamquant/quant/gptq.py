@@ -29,6 +29,10 @@ deliberate choices:
   matrix through the scan; here the scan starts from the least-squares optimum of that objective
   (``_toward_targets``), after which GPTQ's own updates keep the unquantized columns optimal for it: one solve up
   front, the scan unchanged (tested against a dense fp64 least-squares solve).
+* Refitted scales (``refit_rounds``, not in the reference): the scan picks codes for scales fixed before it sees
+  them (up front, or at a group's first column), but ``ŵ`` is linear in the scales, so after the scan each row's
+  scales are refitted to its codes by least squares under the scan's own objective (a G×G system per row), and
+  further rounds scan again on the refitted grid; a row takes a round's result only where its loss falls.
 * Not in the reference: if the damped Hessian is not positive definite, dampening is raised (up to three times)
   before a ValueError; ``free_hessian=True`` lets the working copy reuse the Hessian's memory.
 """
