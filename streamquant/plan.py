@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from streamquant.errors import UserError
+from streamquant.quant.gptq import REFIT_CHUNK
 
 
 def micro_batch_for(seqlen: int, hidden: int, intermediate: int, dtype: torch.dtype, budget_bytes: int = 512 << 20) -> int:
@@ -240,13 +241,14 @@ def _solve_bytes(weights: int, hessian: int, b: int, targets: bool, refit: bool 
     copy in the block dtype; at the Cholesky H (in the sum's memory) and L beside the fp32 work copy W, later one
     inverse factor beside W, the codes and the result. With targets, first the least-squares start: H, D, H's damped
     copy and its factor beside W, then D's product with W and its solve (two transposed copies). With the scale
-    refit, H + λI beside the inverse factor, and the scan's start, a scan's copy of it, its codes and the best codes."""
+    refit, H + λI beside the inverse factor, the scan's start and the best codes, and either a round's scan (its copy
+    of the start and its codes) or the fit's row chunks ((q − z) and one product, at most REFIT_CHUNK floats each)."""
     w4 = weights * 4
     solve = max(2 * hessian + w4, hessian + 3 * w4)
     if targets:
         solve = max(solve, 4 * hessian + w4, 3 * hessian + 4 * w4)
     if refit:
-        solve = max(solve, 2 * hessian + 4 * w4)
+        solve = max(solve, 2 * hessian + 4 * w4, 2 * hessian + 3 * w4 + 2 * min(w4, 4 * REFIT_CHUNK))
     return weights * b + solve
 
 

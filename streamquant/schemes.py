@@ -4,7 +4,8 @@ exports), `w4a4` (the paper), `w4a4kv4`, so one name replaces six flags.
 A preset fills only the options the user did not give; an explicit `--w-bits`, `--a-bits`, `--kv-bits`,
 `--weights`, `--group-size`, `--w-asym`/`--w-sym`, `--act-order`/`--no-act-order`, `--w-clip`/`--no-w-clip`,
 `--hessians`, `--calib-acts`, `--o-online`/`--no-o-online`, `--asym-calib`/`--no-asym-calib`, `--asym-targets`,
-`--refit-scales` or `--method` always wins, so a command that names every option does exactly what it did before presets existed.
+`--refit-scales` or `--method` always wins, so a command that names every option does exactly what it did before
+presets existed.
 Without `--scheme`, the preset is the first whose bits agree with the bits given (so `--a-bits 4` alone means w4a4,
 per-channel weights as in the paper, not w4a16's groups), else w4a16.
 The result is a RunConfig of concrete values: nothing downstream knows presets exist.

@@ -751,7 +751,7 @@ def test_refit_in_row_chunks_equals_all_rows_at_once(monkeypatch):
     g.add_batch(x)
     whole = [g.quantize(w, cfg, act_order=True, refit_rounds=rounds) for rounds in (1, 3)]
     alone = [g.quantize(w[:11], cfg, act_order=True, refit_rounds=rounds) for rounds in (1, 3)]
-    monkeypatch.setattr(gptq_module, "_REFIT_SYSTEM", 7 * 16)   # 7 rows of 4×4 systems per chunk
+    monkeypatch.setattr(gptq_module, "REFIT_CHUNK", 7 * 64)   # 7 rows of 64 columns per chunk
     chunked = [g.quantize(w, cfg, act_order=True, refit_rounds=rounds) for rounds in (1, 3)]
     for a, b, part in zip(whole, chunked, alone):
         assert torch.equal(a.q, b.q) and torch.equal(a.q[:11], part.q)

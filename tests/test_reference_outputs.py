@@ -19,6 +19,8 @@ import pytest
 
 from conftest import WIKITEXT
 
+# 855943a: the first commit whose CLI has --refit-scales (off in every preset, so for the other commands it writes
+# b7c5ba9's bytes); the refit command below checks that later work keeps its bytes.
 # b7c5ba9: the first commit whose CLI has --asym-targets; the full-precision stream's commands below check that later
 # work (its last Hessian pass moving the stream on instead of a forward of its own) writes its bytes, and for the
 # others it writes 54f5536's (this test passed against 54f5536 at b7c5ba9).
@@ -28,7 +30,7 @@ from conftest import WIKITEXT
 # writes daed4b7's bytes (this test passed against daed4b7 at 640b828, and --o-online was off in every preset until after
 # 6450d0f). daed4b7: dart one-pass W4A16 learns R2 in the one-pass pass (o_proj's Hessian turned by R2, other
 # rounding); 8bd4aa7 (GPTQ scan gathers errors per column, issue 11), 2c5687d, 34c2f03, 0dbf21c before
-REFERENCE_COMMIT = "b7c5ba9"
+REFERENCE_COMMIT = "855943a"
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--samples", "4", "--seqlen", "48", "--r1-epochs", "2", "--r2-epochs", "1", "--r1-reservoir", "1MiB", "--seed", "3"]
 SCHEMES = {   # name: (tiny model, options)
@@ -52,6 +54,10 @@ SCHEMES = {   # name: (tiny model, options)
     "dart-w4a16-fp-targets-mixtral": ("mixtral", ["--method", "dart", "--w-bits", "4", "--a-bits", "16", "--weights",
                                                   "gptq", "--hessians", "sequential", "--asym-calib",
                                                   "--asym-targets", "model"]),
+    # GPTQ's scale refit in three rounds, with act-order's static groups and the full-precision targets
+    "dart-w4a16-fp-targets-refit": ("llama", ["--method", "dart", "--w-bits", "4", "--a-bits", "16", "--weights",
+                                              "gptq", "--group-size", "16", "--hessians", "sequential",
+                                              "--asym-calib", "--asym-targets", "model", "--refit-scales", "3"]),
 }
 
 

@@ -64,9 +64,10 @@ _DAMP_RETRIES = 3  # retries use max(damp, 1e-3) · 10, · 100, · 1000
 # matmul large. 192 measured fastest on the idle 2-core CPU for widths 576 and 1536 (8192 rows: 0.029 → 0.022 s and
 # 0.208 → 0.132 s against one full addmm); a 70B-shaped scale-4 block's GPTQ stage went 43–46 → 40–41 s.
 _GRAM_BLOCK = 192
-# The most floats the scale refit's G×G systems take at once (``_fit_scales`` goes through the rows in chunks): 2²⁴
-# floats are 64 MB, where a 70B down_proj's 8192 rows of 224² would be 1.6 GB.
-_REFIT_SYSTEM = 1 << 24
+# The most floats the scale refit's G×G systems, or its row-sized temporaries, take at once (``_fit_scales`` goes
+# through the rows in chunks): 2²⁴ floats are 64 MB, where a 70B down_proj's 8192 rows of 224² would be 1.6 GB and
+# its (q − z)(H + λI) 0.9 GB.
+REFIT_CHUNK = 1 << 24
 
 
 @dataclass
@@ -322,17 +323,20 @@ class GPTQ:
         row. A row takes the fitted scales, rounded to the scale dtype, only where they lower that objective.
         ``start`` (v) and ``codes`` in scan order, ``groups`` each column's group, ``losses`` the rows' objective / 2
         with the present scales (the scan's); updates ``scales`` in place and returns the new ``losses``. Rows go in
-        chunks whose systems take at most ``_REFIT_SYSTEM`` floats (a 70B down_proj has 224² per row)."""
+        chunks whose systems and products take at most ``REFIT_CHUNK`` floats each."""
         out_features, n_groups = scales.shape
         members = [(groups == h).nonzero().squeeze(1) for h in range(n_groups)]
         losses = losses.clone()
-        step = max(1, _REFIT_SYSTEM // (n_groups * n_groups))
+        step = max(1, REFIT_CHUNK // max(n_groups * n_groups, start.shape[1]))
         for r1 in range(0, out_features, step):
             rows = slice(r1, min(r1 + step, out_features))
             s, base = scales[rows], codes[rows] - zeros[rows][:, groups]   # q − z: ŵ = base · s, column by column
             A = torch.zeros(base.shape[0], n_groups, n_groups, device=base.device)
             for h, columns in enumerate(members):   # A[r, g, h] = (q − z)_g (H + λI)_gh (q − z)_h
-                A[:, :, h].index_add_(1, groups, (base[:, columns] @ damped[columns]).mul_(base))
+                # (one group has every column: no copies of base or of H + λI)
+                part = base @ damped if n_groups == 1 else base[:, columns] @ damped[columns]
+                A[:, :, h].index_add_(1, groups, part.mul_(base))
+            del part
             b = torch.zeros_like(s).index_add_(1, groups, (start[rows] @ damped).mul_(base))   # (q − z)_g (H + λI) v
             del base
             empty = A.diagonal(dim1=1, dim2=2) == 0   # a group whose codes are all zero: its scale does not matter
