@@ -50,7 +50,7 @@ class Scheme:
     o_online: bool | str = False
     asym_calib: bool | str = False
     asym_targets: str = ASYM_TARGETS_AUTO
-    refit_scales: int | str = 0
+    refit_scales: int = 0
 
 
 SCHEMES = {s.name: s for s in (
