@@ -230,15 +230,16 @@ class GPTQ:
         col_group = perm if perm is not None else torch.arange(columns, device=self.device)
         col_group = (col_group // group_size if grouped else torch.zeros_like(col_group)).tolist()
 
-        Hinv = self._inverse_factor(H, damp)
+        Hinv = self._inverse_factor(H, damp)            # damps H in place: H + λI, the refit's objective
+        damped = H if refit_rounds else None
         del H
         start = W.clone() if refit_rounds else None   # the scan updates W in place
         codes, losses = self._scan(W, Hinv, scales, zeros, col_group, cfg, block_size, static_groups, scale_dtype)
         del W
         if refit_rounds:
-            codes, losses = self._refit(start, codes, losses, Hinv, scales, zeros, col_group, cfg, block_size,
-                                        scale_dtype, refit_rounds)
-        del Hinv, start
+            codes, losses = self._refit(start, codes, losses, Hinv, damped, scales, zeros, col_group, cfg,
+                                        block_size, scale_dtype, refit_rounds)
+        del Hinv, damped, start
         if perm is not None:
             codes = codes[:, torch.argsort(perm)]
 
@@ -293,15 +294,15 @@ class GPTQ:
         del D, L
         return W.add_(shift, alpha=step)
 
-    def _refit(self, start: Tensor, codes: Tensor, losses: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor,
-               col_group: list[int], cfg: WeightQuantConfig, block_size: int, scale_dtype: torch.dtype,
-               rounds: int) -> tuple[Tensor, Tensor]:
+    def _refit(self, start: Tensor, codes: Tensor, losses: Tensor, Hinv: Tensor, damped: Tensor, scales: Tensor,
+               zeros: Tensor, col_group: list[int], cfg: WeightQuantConfig, block_size: int,
+               scale_dtype: torch.dtype, rounds: int) -> tuple[Tensor, Tensor]:
         """Refit the scales the scan used to the codes it chose (``_fit_scales``), then, ``rounds − 1`` times, scan
         again from ``start`` on the refitted grid and refit again, each row keeping its best round: the codes were
         chosen for the old grid, and the grid's least-squares fit to the codes moves it. Every step minimises the
         scan's own objective ``(v − ŵ)ᵀ (H + λI) (v − ŵ)`` over codes or scales, so no row's loss rises; it settles
-        within a few rounds. Scan order throughout; updates ``scales`` in place and returns codes and row losses."""
-        damped = torch.cholesky_inverse(Hinv, upper=True)   # (Uᵀ U)⁻¹ = H + λI, in scan order
+        within a few rounds. Scan order throughout (``damped``: H + λI, ``Hinv``: its inverse's upper factor);
+        updates ``scales`` in place and returns codes and row losses."""
         groups = torch.tensor(col_group, device=self.device)
         losses = self._fit_scales(start, codes, losses, damped, groups, scales, zeros, scale_dtype)
         for _ in range(rounds - 1):
@@ -325,20 +326,31 @@ class GPTQ:
         with the present scales (the scan's); updates ``scales`` in place and returns the new ``losses``. Rows go in
         chunks whose systems and products take at most ``REFIT_CHUNK`` floats each."""
         out_features, n_groups = scales.shape
-        members = [(groups == h).nonzero().squeeze(1) for h in range(n_groups)]
+        columns = start.shape[1]
+        size = columns // n_groups
+        # The sums run over columns gathered group by group (the original order's groups), so each group's share
+        # is a reshape and a sum; without act-order (or per channel) that is the scan order itself.
+        order = torch.argsort(groups, stable=True)
+        grouped = not bool(torch.equal(order, torch.arange(columns, device=order.device)))
         losses = losses.clone()
-        step = max(1, REFIT_CHUNK // max(n_groups * n_groups, start.shape[1]))
+        step = max(1, REFIT_CHUNK // max(n_groups * n_groups, columns))
         for r1 in range(0, out_features, step):
             rows = slice(r1, min(r1 + step, out_features))
             s, base = scales[rows], codes[rows] - zeros[rows][:, groups]   # q − z: ŵ = base · s, column by column
-            A = torch.zeros(base.shape[0], n_groups, n_groups, device=base.device)
-            for h, columns in enumerate(members):   # A[r, g, h] = (q − z)_g (H + λI)_gh (q − z)_h
-                # (one group has every column: no copies of base or of H + λI)
-                part = base @ damped if n_groups == 1 else base[:, columns] @ damped[columns]
-                A[:, :, h].index_add_(1, groups, part.mul_(base))
-            del part
-            b = torch.zeros_like(s).index_add_(1, groups, (start[rows] @ damped).mul_(base))   # (q − z)_g (H + λI) v
-            del base
+            pulled = start[rows] @ damped                                   # (H + λI) v
+            if grouped:
+                base, pulled = base.index_select(1, order), pulled.index_select(1, order)
+            b = pulled.mul_(base).view(-1, n_groups, size).sum(2)            # (q − z)_g (H + λI) v
+            del pulled
+            A = torch.empty(base.shape[0], n_groups, n_groups, device=base.device)
+            for h in range(n_groups):   # A[r, g, h] = (q − z)_g (H + λI)_gh (q − z)_h; symmetric: g ≥ h only
+                own, later = slice(h * size, (h + 1) * size), slice(h * size, columns)
+                block = (damped.index_select(0, order[own]).index_select(1, order[later]) if grouped
+                         else damped[own, later])
+                part = base[:, own] @ block
+                A[:, h:, h] = part.mul_(base[:, later]).view(-1, n_groups - h, size).sum(2)
+                A[:, h, h + 1:] = A[:, h + 1:, h]
+            del part, block, base
             empty = A.diagonal(dim1=1, dim2=2) == 0   # a group whose codes are all zero: its scale does not matter
             system = A.clone()
             system.diagonal(dim1=1, dim2=2)[empty] = 1.0
