@@ -76,6 +76,17 @@ def test_presets_fill_only_what_was_not_given(tiny_models):
     assert cfg.asym_calib and cfg.asym_targets == "model"
     assert not build_config(base, "w4a4", {**none, "asym_targets": "model"})[0].asym_calib
     assert build_config(base, "w4a4", {**none, "asym_targets": "model", "asym_calib": True})[0].asym_targets == "model"
+    # one round of GPTQ's scale refit for weight-only GPTQ; never with RTN (refused there) nor at W4A4; as given
+    cfg, choice = build_config(base, None, none)
+    assert cfg.refit_scales == 1 and "scales refitted (1 round)" in choice.line(cfg)
+    assert build_config(base, None, {**none, "method": "none"})[0].refit_scales == 1
+    assert build_config(base, None, {**none, "weights": "rtn"})[0].refit_scales == 0
+    assert build_config(base, "w4a16", {**none, "a_bits": 4})[0].refit_scales == 0
+    assert build_config(base, None, {**none, "refit_scales": 0})[0].refit_scales == 0
+    cfg, choice = build_config(base, None, {**none, "refit_scales": 3})
+    assert cfg.refit_scales == 3 and "scales refitted (3 rounds)" in choice.line(cfg)
+    assert build_config(base, "w4a4", none)[0].refit_scales == 0
+    assert build_config(base, "w4a16-r4", none)[0].refit_scales == 1
     # the serving presets carry what their compressed-tensors format requires
     cfg, _ = build_config(base, "w4a16-r4", none)
     assert (cfg.w_bits, cfg.a_bits, cfg.group_size, cfg.r4_online) == (4, 16, 32, True)
