@@ -331,21 +331,21 @@ class GPTQ:
         # The sums run over columns gathered group by group (the original order's groups), so each group's share
         # is a reshape and a sum; without act-order (or per channel) that is the scan order itself.
         order = torch.argsort(groups, stable=True)
-        grouped = not bool(torch.equal(order, torch.arange(columns, device=order.device)))
+        permuted = not bool(torch.equal(order, torch.arange(columns, device=order.device)))
         losses = losses.clone()
         step = max(1, REFIT_CHUNK // max(n_groups * n_groups, columns))
         for r1 in range(0, out_features, step):
             rows = slice(r1, min(r1 + step, out_features))
             s, base = scales[rows], codes[rows] - zeros[rows][:, groups]   # q − z: ŵ = base · s, column by column
             pulled = start[rows] @ damped                                   # (H + λI) v
-            if grouped:
+            if permuted:
                 base, pulled = base.index_select(1, order), pulled.index_select(1, order)
             b = pulled.mul_(base).view(-1, n_groups, size).sum(2)            # (q − z)_g (H + λI) v
             del pulled
             A = torch.empty(base.shape[0], n_groups, n_groups, device=base.device)
             for h in range(n_groups):   # A[r, g, h] = (q − z)_g (H + λI)_gh (q − z)_h; symmetric: g ≥ h only
                 own, later = slice(h * size, (h + 1) * size), slice(h * size, columns)
-                block = (damped.index_select(0, order[own]).index_select(1, order[later]) if grouped
+                block = (damped.index_select(0, order[own]).index_select(1, order[later]) if permuted
                          else damped[own, later])
                 part = base[:, own] @ block
                 A[:, h:, h] = part.mul_(base[:, later]).view(-1, n_groups - h, size).sum(2)
