@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -335,7 +335,12 @@ def fit_micro_batch(spec, index, work: Workload, dtype: torch.dtype, device: str
     plan.min_gpu_bytes = at(1).peak_gpu_bytes
     plan.gpu_budget = gpu_budget
     if device == "cuda" and gpu_budget is not None and plan.peak_gpu_bytes > gpu_budget:
+        advice = "raise --gpu-mem or lower --seqlen"
+        if work.refit:   # (on by default in the weight-only presets, so the user may not know it costs memory)
+            lean = predict(spec, index, replace(work, refit=False), dtype, device, 1, base_host_bytes).peak_gpu_bytes
+            if lean < plan.min_gpu_bytes:
+                advice += f", or pass --refit-scales 0 (its smallest plan needs {lean / GIB:.2f} GiB)"
         raise UserError(f"nothing fits in {budget_name} {gpu_budget / GIB:.2f} GiB: micro-batch {mb} needs "
                         f"{plan.peak_gpu_bytes / GIB:.2f} GiB and the smallest plan (one sample per micro-batch) "
-                        f"needs {plan.min_gpu_bytes / GIB:.2f} GiB; raise --gpu-mem or lower --seqlen")
+                        f"needs {plan.min_gpu_bytes / GIB:.2f} GiB; {advice}")
     return plan

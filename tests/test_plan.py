@@ -56,6 +56,21 @@ def test_impossible_budget_refused_with_minimum(sparse_70b):
     assert len(line.splitlines()) == 1 and "nothing fits in --gpu-mem 4.00 GiB" in line and "smallest plan" in line
 
 
+def test_refit_refusal_names_the_budget_without_it(sparse_70b):
+    """The w4a16 preset refits GPTQ's scales, which holds H + λI beside the inverse factor: a budget between the two
+    smallest plans is refused with the way out, and that way fits."""
+    refit = last_json(run_cli("plan", str(sparse_70b), "--gpu-mem", "40GiB", "--json").stdout)["min_gpu_bytes"]
+    lean = last_json(run_cli("plan", str(sparse_70b), "--gpu-mem", "40GiB", "--refit-scales", "0",
+                             "--json").stdout)["min_gpu_bytes"]
+    assert lean < refit   # a 70B down_proj's H + λI is 3.3 GB
+    budget = f"{(lean + refit) / 2 / GIB:.2f}GiB"
+    res = run_cli("plan", str(sparse_70b), "--gpu-mem", budget)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert f"pass --refit-scales 0 (its smallest plan needs {lean / GIB:.2f} GiB)" in res.stderr
+    assert run_cli("plan", str(sparse_70b), "--gpu-mem", budget, "--refit-scales", "0").returncode == 0
+
+
 def test_dry_run_writes_nothing(tiny_models, tmp_path):
     out = tmp_path / "never"
     res = run_cli("run", str(tiny_models["llama"]), "--out", str(out), "--dry-run", "--samples", "4",
