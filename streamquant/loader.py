@@ -6,12 +6,16 @@ activation quantizers, but it drops a `transform_config` without a word (transfo
 online R4 that cancels it is missing. `load` loads the model with transformers, then attaches every online transform
 with compressed-tensors' own `HadamardTransform` and forward hook (the code vLLM's layout mirrors), using the
 transform weights stored in the checkpoint, and refuses a load in which any tensor is missing or left unused.
+It also loads zero points (`--w-asym`), which plain transformers refuses: see `packed_zero_point_shapes`.
 Requires `compressed-tensors` (`pip install 'streamquant[export]'`).
 """
 from __future__ import annotations
 
 import json
+import math
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -37,7 +41,8 @@ def load(path: str | Path, **from_pretrained: object) -> nn.Module:
         raise UserError(f"{path} is in the streamquant format (online R3/R4, KV or asymmetric activation "
                         f"quantizers that no standard runtime expresses): evaluate it with `streamquant eval {path}`")
     tcfg = (config.get("quantization_config") or {}).get("transform_config") or None
-    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **from_pretrained)
+    with packed_zero_point_shapes():
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **from_pretrained)
     consumed = attach_transforms(model, tcfg, path) if tcfg else set()
     problems = {"missing": sorted(info.get("missing_keys", ())),
                 "unexpected": sorted(set(info.get("unexpected_keys", ())) - consumed),
@@ -48,6 +53,37 @@ def load(path: str | Path, **from_pretrained: object) -> nn.Module:
                                                                       for k, v in problems.items()))
     model.streamquant_transforms = sorted(consumed)   # what was attached, for a caller to check
     return model.eval()
+
+
+@contextmanager
+def packed_zero_point_shapes() -> Iterator[None]:
+    """While it is open, compressed-tensors' `pack-quantized` compressor gives an empty (meta) module a packed zero
+    point of the shape its checkpoints store.
+
+    transformers builds the model on the meta device and compresses it before loading. compressed-tensors (0.20.1,
+    the newest) packs zero points along the output dimension when it writes a checkpoint (`[ceil(out·bits/32),
+    groups]` int32) but leaves a meta module's zero point unpacked (`[out, groups]`). Every asymmetric checkpoint,
+    ours and llm-compressor's, is then refused as a size mismatch. Decompression already
+    unpacks the stored shape, so only the empty shape needs fixing. A release that fixes this gives shapes this leaves
+    alone."""
+    from compressed_tensors.compressors.pack_quantized.base import PACK_ZP_STRATS, PackedQuantizationCompressor
+
+    original = PackedQuantizationCompressor.__dict__["compress"]
+
+    def compress(cls, state_dict, scheme):
+        out = original.__func__(cls, state_dict, scheme)
+        zero_point, weights = out.get("weight_zero_point"), scheme.weights
+        if (zero_point is not None and zero_point.device.type == "meta" and not weights.symmetric
+                and weights.strategy in PACK_ZP_STRATS and zero_point.shape[0] == out["weight_packed"].shape[0]):
+            rows = math.ceil(zero_point.shape[0] * weights.num_bits / 32)
+            out["weight_zero_point"] = torch.empty((rows, *zero_point.shape[1:]), dtype=torch.int32, device="meta")
+        return out
+
+    PackedQuantizationCompressor.compress = classmethod(compress)
+    try:
+        yield
+    finally:
+        PackedQuantizationCompressor.compress = original
 
 
 def attach_transforms(model: nn.Module, tcfg: dict, path: Path) -> set[str]:
