@@ -288,7 +288,8 @@ def show_summary(result: dict, out_dir: Optional[Path]) -> None:
     details = f"{out_dir / 'report.json'} or --json" if out_dir is not None else "--json"
     console.print(f"per stage and per block (blocks, memory, plan): {details}", soft_wrap=True)
     if out_dir is not None:
-        console.print(how_to_use(result["format"], out_dir), soft_wrap=True)
+        console.print(how_to_use(result["format"], out_dir, result.get("r4_online", False),
+                                 not result.get("w_symmetric", True)), soft_wrap=True)
 
 
 def show_plan(plan, as_json: bool) -> None:

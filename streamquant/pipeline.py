@@ -611,7 +611,7 @@ class Pipeline:
             "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits, "group_size": cfg.group_size, "w_symmetric": cfg.w_symmetric,
             "act_order": cfg.act_order, "w_clip": cfg.w_clip, "hessians": cfg.hessians, "calib_acts": cfg.calib_acts,
             "asym_calib": cfg.asym_calib, "asym_targets": cfg.asym_targets, "refit_scales": cfg.refit_scales,
-            "samples": cfg.samples,
+            "r4_online": cfg.r4_online, "samples": cfg.samples,
             "seqlen": cfg.seqlen, "seed": cfg.seed, "device": str(self.device), "format": p.format.name,
             "dtype": str(p.dtype).removeprefix("torch."), "micro_batch": self.engine.micro_batch,
         }

@@ -211,12 +211,17 @@ def summary_rows(result: dict, out: Path | None) -> list[tuple[str, str]]:
     return rows
 
 
-def how_to_use(fmt: str, out: Path) -> str:
-    """The exact command that loads or serves the result."""
-    if fmt == "pack-quantized":
-        return (f"load it (pip install compressed-tensors):\n"
-                f"  python -c \"from transformers import AutoModelForCausalLM; "
-                f"m = AutoModelForCausalLM.from_pretrained('{out}'); print(m.config.quantization_config)\"\n"
-                f"serve it: vllm serve {out}\n"
-                f"evaluate it: streamquant eval {out}")
+def how_to_use(fmt: str, out: Path, r4_online: bool = False, zero_points: bool = False) -> str:
+    """The exact command that loads or serves the result: plain transformers where it computes the right thing,
+    `streamquant.load` where it does not (it drops R4's online transform and refuses packed zero points)."""
+    if fmt in ("pack-quantized", "int-quantized"):
+        if r4_online or zero_points:
+            why = "R4 online" if r4_online else "zero points"
+            load = (f"load it (pip install compressed-tensors; plain transformers cannot load {why} correctly):\n"
+                    f"  python -c \"import streamquant; m = streamquant.load('{out}'); print(m.config.quantization_config)\"\n")
+        else:
+            load = (f"load it (pip install compressed-tensors):\n"
+                    f"  python -c \"from transformers import AutoModelForCausalLM; "
+                    f"m = AutoModelForCausalLM.from_pretrained('{out}'); print(m.config.quantization_config)\"\n")
+        return load + f"serve it: vllm serve {out}\nevaluate it: streamquant eval {out}"
     return f"evaluate it (online R3/R4 and activation quantizers at run time): streamquant eval {out}"

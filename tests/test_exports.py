@@ -171,7 +171,8 @@ def test_exported_configs_parse_in_compressed_tensors(exports):
         parsed = QuantizationConfig.model_validate(qcfg)
         inputs = parsed.config_groups["group_0"].input_activations
         weights = parsed.config_groups["group_0"].weights
-        assert weights.symmetric and weights.actorder is None, name   # act-order's static groups need no g_idx
+        assert weights.symmetric == ("--w-asym" not in EXPORTS[name][0]), name
+        assert weights.actorder is None, name   # act-order's static groups need no g_idx
         if "--a-symmetric" in EXPORTS[name][0]:
             assert inputs.num_bits == 8 and inputs.symmetric and inputs.dynamic and inputs.strategy == "token"
         else:
@@ -219,3 +220,24 @@ def test_auto_format_keeps_existing_choices():
     assert resolve_format("auto", 8, 16, 16, a_exportable=True) == "int-quantized"
     assert resolve_format("auto", 4, 8, 4, a_exportable=True) == "streamquant"
     assert resolve_format("auto", 4, 16, 16, o_online=True) == "streamquant"   # online parts only ours carries
+
+
+@pytest.mark.parametrize("opts, loader", [
+    (["--weights", "rtn", "--method", "none"], "AutoModelForCausalLM.from_pretrained"),
+    (["--weights", "rtn", "--method", "none", "--w-asym"], "streamquant.load"),   # plain transformers refuses it
+    (["--weights", "rtn", "--method", "quarot", "--r4-online"], "streamquant.load"),  # plain drops R4
+])
+def test_the_load_command_the_run_prints_loads_the_export(tiny_models, tmp_path, opts, loader):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    res = run_cli("run", str(tiny_models["llama"]), "--out", str(out), "--w-bits", "4", "--a-bits", "16",
+                  "--group-size", "16", *opts)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    command = lines[next(i for i, line in enumerate(lines) if line.startswith("load it")) + 1].strip()
+    assert command.startswith('python -c "') and loader in command, command
+    code = command.removeprefix('python -c "').removesuffix('"')
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
