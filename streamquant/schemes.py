@@ -65,8 +65,8 @@ SCHEMES = {s.name: s for s in (
     # - the MSE clip search (W_CLIP_AUTO) where outliers are left in the weights: GPTQ act-order without rotation
     #   33.66 → 31.25. After a rotation it gains nothing (QuaRot 29.90 → 30.02) and RTN loses (none 39.21 → 40.09).
     # - symmetric weights although zero points measured better (--w-asym: 30.36 with act-order, no rotation):
-    #   transformers 5.24/5.25 with compressed-tensors 0.20.1 cannot load packed zero points (a size mismatch; vLLM
-    #   serves them), and these exports must load in transformers.
+    #   plain transformers 5.24/5.25 with compressed-tensors 0.20.1 refuses packed zero points (a size mismatch;
+    #   streamquant.load and vLLM load them), and these exports must load in plain transformers.
     # - one round of GPTQ's least-squares scale refit (REFIT_AUTO: GPTQ weights, 16-bit activations): seeds 0/1/2
     #   w4a16 29.90/30.28/30.70 → 29.64/30.00/30.32, w4a16-r4 29.64/29.77/29.87 → 29.43/29.60/29.59, better on
     #   every seed, at ~+15-20 % of the README run on a CPU. Three rounds gained no more on w4a16 (29.85 mean, one
