@@ -63,9 +63,8 @@ def packed_zero_point_shapes() -> Iterator[None]:
     transformers builds the model on the meta device and compresses it before loading. compressed-tensors (0.20.1,
     the newest) packs zero points along the output dimension when it writes a checkpoint (`[ceil(out·bits/32),
     groups]` int32) but leaves a meta module's zero point unpacked (`[out, groups]`). Every asymmetric checkpoint,
-    ours and llm-compressor's, is then refused as a size mismatch. Decompression already
-    unpacks the stored shape, so only the empty shape needs fixing. A release that fixes this gives shapes this leaves
-    alone."""
+    ours and llm-compressor's, is then refused as a size mismatch. Decompression already unpacks the stored shape,
+    so only the empty shape needs fixing; a release that fixes this gives shapes this leaves alone."""
     from compressed_tensors.compressors.pack_quantized.base import PACK_ZP_STRATS, PackedQuantizationCompressor
 
     original = PackedQuantizationCompressor.__dict__["compress"]
