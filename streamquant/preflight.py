@@ -99,6 +99,8 @@ class RunConfig:
                             f"{self.r2_train.epochs})")
         if (self.r1_train.batches_per_epoch or 1) < 1:
             raise UserError(f"--r1-steps-per-epoch must be >= 0 (got {self.r1_train.batches_per_epoch})")
+        if not self.r1_train.lr > 0:
+            raise UserError(f"--r1-lr must be > 0 (got {self.r1_train.lr})")
         if self.hessians not in HESSIANS:
             raise UserError(f"--hessians must be one of {', '.join(HESSIANS)} (got {self.hessians!r})")
         if self.calib_acts not in CALIB_ACTS:

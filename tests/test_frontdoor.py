@@ -122,6 +122,7 @@ def test_dry_run_alone_shows_preset_group_and_default_output(tiny_models):
     (["--group-size", "0"], "--group-size must be -1 (per channel) or a positive divisor"),
     (["--r1-steps-per-epoch", "-2"], "--r1-steps-per-epoch must be >= 0 (got -2)"),
     (["--r2-epochs", "-1"], "--r1-epochs and --r2-epochs must be >= 0"),
+    (["--r1-lr", "0"], "--r1-lr must be > 0 (got 0.0)"),
     (["--calib-acts", "fp16"], "--calib-acts must be one of quantized, full (got 'fp16')"),
 ])
 def test_bad_scheme_options_are_one_line(tiny_models, tmp_path, args, message):
