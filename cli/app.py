@@ -210,12 +210,16 @@ def run_cmd(
     out_dir = None if no_write else Path(out) if out is not None else default_out(model, choice.scheme)
     cfg.out = out_dir
     if dry_run:
-        plan = prepare(cfg, plan_only=True).plan
+        prepared = prepare(cfg, plan_only=True, optional_refit=choice.refit_optional)
+        plan, cfg = prepared.plan, prepared.cfg
         if as_json:
             print(json.dumps({**plan.to_json(), "scheme": choice.scheme, "group_size": cfg.group_size,
+                              "refit_scales": cfg.refit_scales, "notes": prepared.notes,
                               "out": None if out_dir is None else str(out_dir)}))
             return
         console.print(choice.line(cfg), soft_wrap=True)
+        for note in prepared.notes:
+            console.print(note, soft_wrap=True)
         console.print(f"output directory: {out_dir if out_dir is not None else '(none: --no-write)'}"
                       + ("" if out is not None or out_dir is None else " (default ./<model-name>-<scheme>; --out to change)"),
                       soft_wrap=True)
@@ -224,7 +228,8 @@ def run_cmd(
     from streamquant.distributed import join
 
     group = join(cfg.device, dist_timeout)   # one process (Solo) unless started by torchrun
-    prepared = prepare(cfg, group=group)
+    prepared = prepare(cfg, group=group, optional_refit=choice.refit_optional)
+    cfg = prepared.cfg
     if not group.writes:   # torchrun: rank 0 alone writes, shows progress and prints the result
         with SafeStop(lambda message: None) as stop:   # Ctrl-C: the group stops together at a block boundary
             try:
@@ -246,6 +251,8 @@ def run_cmd(
         if sink is not None:
             progress.log_into(lambda: sink.out / LOG_FILE if sink.manifest else None)
         progress.line(choice.line(cfg) + (f"; output {out_dir}" if out_dir is not None else ""), show=mode == "bar")
+        for note in prepared.notes:
+            progress.line(note, show=True)
         try:
             result = Pipeline(prepared, progress, sink, on_stage=progress.stage, should_stop=stop).run()
         except Stopped as exc:

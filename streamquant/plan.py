@@ -315,6 +315,19 @@ def check_room(plan: Plan, out, model_files_bytes: int = 0) -> None:
                         f"{free / GIB:.1f} GiB free")
 
 
+def refit_over_budget(spec, index, work: Workload, dtype: torch.dtype, device: str, gpu_budget: int | None,
+                      base_host_bytes: int) -> tuple[int, int] | None:
+    """(smallest plan with GPTQ's scale refit, smallest without) when only the one without fits the GPU budget.
+
+    The refit holds H + λI beside the inverse factor (a 70B down_proj's is 3.3 GB); a preset that turns it on for
+    quality must not be what stops a run that fits without it."""
+    if not work.refit or device != "cuda" or gpu_budget is None:
+        return None
+    need = predict(spec, index, work, dtype, device, 1, base_host_bytes).peak_gpu_bytes
+    lean = predict(spec, index, replace(work, refit=False), dtype, device, 1, base_host_bytes).peak_gpu_bytes
+    return (need, lean) if lean <= gpu_budget < need else None
+
+
 def fit_micro_batch(spec, index, work: Workload, dtype: torch.dtype, device: str, gpu_budget: int | None,
                     base_host_bytes: int, requested: int | None = None, budget_name: str = "--gpu-mem") -> Plan:
     """The largest micro-batch whose predicted GPU peak fits the budget; refuse (with the minimum) when none does."""
@@ -336,7 +349,7 @@ def fit_micro_batch(spec, index, work: Workload, dtype: torch.dtype, device: str
     plan.gpu_budget = gpu_budget
     if device == "cuda" and gpu_budget is not None and plan.peak_gpu_bytes > gpu_budget:
         advice = "raise --gpu-mem or lower --seqlen"
-        if work.refit:   # (on by default in the weight-only presets, so the user may not know it costs memory)
+        if work.refit:   # (asked for, or the presets' and nothing fits even without it: refit_over_budget)
             lean = predict(spec, index, replace(work, refit=False), dtype, device, 1, base_host_bytes).peak_gpu_bytes
             if lean < plan.min_gpu_bytes:
                 advice += f", or pass --refit-scales 0 (its smallest plan needs {lean / GIB:.2f} GiB)"

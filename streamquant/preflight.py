@@ -20,7 +20,7 @@ from streamquant.distributed import Solo
 from streamquant.errors import UserError
 from streamquant.formats import COMPRESSED_TENSORS, FORMATS, OutputFormat, exportable_activations, resolve_format
 from streamquant.memory import current_host_bytes, return_freed_memory_to_os
-from streamquant.plan import Plan, Workload, check_room, fit_micro_batch
+from streamquant.plan import GIB, Plan, Workload, check_room, fit_micro_batch, refit_over_budget
 from streamquant.qblock import Runtime
 from streamquant.quant.quantizers import ActQuantConfig, WeightQuantConfig
 from streamquant.rotate.dart import R1_CONFIG, R2_CONFIG, RotationTrainConfig
@@ -216,6 +216,7 @@ class Prepared:
     format: OutputFormat
     runtime: Runtime
     group: Solo = field(default_factory=Solo)   # torchrun ranks (streamquant.distributed); Solo alone
+    notes: list[str] = field(default_factory=list)   # what prepare changed of the options, in words for the log
 
     def identity(self) -> dict:
         """What an output records of its run: a resume must match it (device and micro-batch may change)."""
@@ -226,12 +227,14 @@ class Prepared:
                 "runtime": self.runtime.to_json(), "num_layers": self.spec.num_layers}
 
 
-def prepare(cfg: RunConfig, plan_only: bool = False, group: Solo | None = None) -> Prepared:
+def prepare(cfg: RunConfig, plan_only: bool = False, group: Solo | None = None, optional_refit: bool = False
+            ) -> Prepared:
     """Resolve, plan and refuse before any work. `plan_only` (plan, --dry-run) plans without running: `--device
     cuda` is planned on a machine without a GPU, `--device auto` means CUDA when `--gpu-mem` is given, and a host or
     disk shortfall of this machine is not refused (the plan says what the run needs; `run` refuses it).
     Under torchrun (`group`) every rank runs this: it plans its own share of the windows on its own device
-    (cuda:LOCAL_RANK), and the ranks take the smallest micro-batch any of them planned."""
+    (cuda:LOCAL_RANK), and the ranks take the smallest micro-batch any of them planned. `optional_refit`: the
+    scale refit is a preset's choice, not the user's, so it is turned off (and said) where only that fits the GPU."""
     group = group or Solo()
     cfg.check()
     model_dir = resolve_model(cfg.model)
@@ -246,9 +249,18 @@ def prepare(cfg: RunConfig, plan_only: bool = False, group: Solo | None = None) 
     spec.arch.hf_class("layer")   # the baseline RSS includes tokenizer, model code and device runtime
     if device.type != "cuda" or torch.cuda.is_available():
         warm_up(device)
+    notes = []
+    free = free_gpu_bytes(device) if torch.cuda.is_available() else None
+    budget, budget_name = (cfg.gpu_mem, "--gpu-mem") if cfg.gpu_mem is not None else (free, "the GPU's free memory")
+    # decided on the whole workload, not this rank's share, so every torchrun rank decides alike
+    over = optional_refit and refit_over_budget(spec, index, cfg.workload(), dtype, device.type, budget,
+                                                current_host_bytes())
+    if over:
+        cfg = replace(cfg, refit_scales=0)
+        notes.append(f"GPTQ's scale refit is off: its smallest plan needs {over[0] / GIB:.2f} GiB, over "
+                     f"{budget_name} {budget / GIB:.2f} GiB (without it {over[1] / GIB:.2f} GiB)")
     work = group.fit_workload(cfg.workload())
     plan = fit_micro_batch(spec, index, work, dtype, device.type, cfg.gpu_mem, current_host_bytes(), cfg.micro_batch)
-    free = free_gpu_bytes(device) if torch.cuda.is_available() else None
     if cfg.gpu_mem is None and free is not None and plan.peak_gpu_bytes > free:
         # no budget given, and the default micro-batch would not fit the GPU: fit it to what is free (and refuse
         # now, with the minimum, when even one sample per micro-batch does not fit, instead of an OOM hours in)
@@ -278,7 +290,7 @@ def prepare(cfg: RunConfig, plan_only: bool = False, group: Solo | None = None) 
         raise UserError(f"--format {fmt_name}: a {spec.model_type} (MoE) export holds 4-bit weights only (W4A16, no "
                         f"--r4-online, no activation quantization); use --format streamquant for the rest")
     fmt = OutputFormat(fmt_name, spec, cfg.weight_cfg, runtime, dtype)
-    return Prepared(cfg, model_dir, spec, index, device, dtype, tokenizer, plan, fmt, runtime, group)
+    return Prepared(cfg, model_dir, spec, index, device, dtype, tokenizer, plan, fmt, runtime, group, notes)
 
 
 def _planned_device(cfg: RunConfig) -> torch.device:

@@ -110,6 +110,7 @@ class Choice:
     scheme: str
     source: str          # "--scheme", "default", or the flags it was inferred from
     group_note: str
+    refit_optional: bool = False   # the preset turned the scale refit on (prepare may turn it off to fit the GPU)
 
     def line(self, cfg: RunConfig) -> str:
         group = "per channel" if cfg.group_size == -1 else f"group {cfg.group_size}"
@@ -177,11 +178,13 @@ def build_config(cfg: RunConfig, scheme: str | None, given: dict[str, Any]) -> t
         values["asym_calib"] = (asym_calib_applies(values["weights"], values["w_bits"], values["a_bits"], "input")
                                 and values["asym_targets"] == "input"
                                 and values["calib_acts"] == "quantized")
-    if values["refit_scales"] == REFIT_AUTO:   # (measured worse at W4A4; refused with RTN)
+    refit_optional = values["refit_scales"] == REFIT_AUTO
+    if refit_optional:   # (measured worse at W4A4; refused with RTN)
         values["refit_scales"] = int(values["weights"] == "gptq" and values["w_bits"] < 16 and values["a_bits"] >= 16)
     if values["o_online"] == O_ONLINE_AUTO:   # (no rotation: the plain model; compressed-tensors: not expressible)
         values["o_online"] = values["method"] != "none" and cfg.format in ("auto", "streamquant")
-    return replace(cfg, **values, **(preset.export if source == "--scheme" else {})), Choice(preset.name, source, note)
+    return (replace(cfg, **values, **(preset.export if source == "--scheme" else {})),
+            Choice(preset.name, source, note, refit_optional))
 
 
 def model_name(model: str) -> str:

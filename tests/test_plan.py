@@ -56,19 +56,32 @@ def test_impossible_budget_refused_with_minimum(sparse_70b):
     assert len(line.splitlines()) == 1 and "nothing fits in --gpu-mem 4.00 GiB" in line and "smallest plan" in line
 
 
-def test_refit_refusal_names_the_budget_without_it(sparse_70b):
-    """The w4a16 preset refits GPTQ's scales, which holds H + λI beside the inverse factor: a budget between the two
-    smallest plans is refused with the way out, and that way fits."""
+def test_preset_refit_gives_way_to_the_budget_an_explicit_one_is_refused(sparse_70b):
+    """The w4a16 preset refits GPTQ's scales, which holds H + λI beside the inverse factor. At a budget between the
+    two smallest plans the preset's refit is turned off, and said, rather than refusing a run that fits without it;
+    an explicit --refit-scales is the user's, so that run is refused with the way out, and the way out fits."""
     refit = last_json(run_cli("plan", str(sparse_70b), "--gpu-mem", "40GiB", "--json").stdout)["min_gpu_bytes"]
     lean = last_json(run_cli("plan", str(sparse_70b), "--gpu-mem", "40GiB", "--refit-scales", "0",
                              "--json").stdout)["min_gpu_bytes"]
     assert lean < refit   # a 70B down_proj's H + λI is 3.3 GB
     budget = f"{(lean + refit) / 2 / GIB:.2f}GiB"
-    res = run_cli("plan", str(sparse_70b), "--gpu-mem", budget)
+    res = run_cli("plan", str(sparse_70b), "--gpu-mem", budget, "--refit-scales", "1")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert f"pass --refit-scales 0 (its smallest plan needs {lean / GIB:.2f} GiB)" in res.stderr
     assert run_cli("plan", str(sparse_70b), "--gpu-mem", budget, "--refit-scales", "0").returncode == 0
+
+    res = run_cli("plan", str(sparse_70b), "--gpu-mem", budget, "--json")
+    assert res.returncode == 0, res.stderr
+    plan = last_json(res.stdout)
+    assert plan["refit_scales"] == 0 and plan["min_gpu_bytes"] == lean
+    assert plan["notes"] == [f"GPTQ's scale refit is off: its smallest plan needs {refit / GIB:.2f} GiB, over "
+                             f"--gpu-mem {float(budget[:-3]):.2f} GiB (without it {lean / GIB:.2f} GiB)"]
+    shown = run_cli("plan", str(sparse_70b), "--gpu-mem", budget)
+    assert shown.returncode == 0 and "scale refit is off" in shown.stdout
+    assert "scales refitted" not in shown.stdout   # the scheme line tells what runs
+    roomy = last_json(run_cli("plan", str(sparse_70b), "--gpu-mem", "40GiB", "--json").stdout)
+    assert roomy["refit_scales"] == 1 and roomy["notes"] == []
 
 
 def test_dry_run_writes_nothing(tiny_models, tmp_path):
