@@ -252,13 +252,14 @@ def prepare(cfg: RunConfig, plan_only: bool = False, group: Solo | None = None, 
     notes = []
     free = free_gpu_bytes(device) if torch.cuda.is_available() else None
     budget, budget_name = (cfg.gpu_mem, "--gpu-mem") if cfg.gpu_mem is not None else (free, "the GPU's free memory")
-    # decided on the whole workload, not this rank's share, so every torchrun rank decides alike
+    # on the whole workload, not this rank's share; off for every torchrun rank where one rank has no room for it
     over = optional_refit and refit_over_budget(spec, index, cfg.workload(), dtype, device.type, budget,
                                                 current_host_bytes())
-    if over:
+    if optional_refit and group.any(over):
         cfg = replace(cfg, refit_scales=0)
         notes.append(f"GPTQ's scale refit is off: its smallest plan needs {over[0] / GIB:.2f} GiB, over "
-                     f"{budget_name} {budget / GIB:.2f} GiB (without it {over[1] / GIB:.2f} GiB)")
+                     f"{budget_name} {budget / GIB:.2f} GiB (without it {over[1] / GIB:.2f} GiB)" if over else
+                     "GPTQ's scale refit is off: another rank's GPU has no room for it")
     work = group.fit_workload(cfg.workload())
     plan = fit_micro_batch(spec, index, work, dtype, device.type, cfg.gpu_mem, current_host_bytes(), cfg.micro_batch)
     if cfg.gpu_mem is None and free is not None and plan.peak_gpu_bytes > free:
