@@ -60,7 +60,9 @@ def test_preset_refit_gives_way_to_the_budget_an_explicit_one_is_refused(sparse_
     """The w4a16 preset refits GPTQ's scales, which holds H + λI beside the inverse factor. At a budget between the
     two smallest plans the preset's refit is turned off, and said, rather than refusing a run that fits without it;
     an explicit --refit-scales is the user's, so that run is refused with the way out, and the way out fits."""
-    refit = last_json(run_cli("plan", str(sparse_70b), "--gpu-mem", "40GiB", "--json").stdout)["min_gpu_bytes"]
+    roomy = last_json(run_cli("plan", str(sparse_70b), "--gpu-mem", "40GiB", "--json").stdout)
+    assert roomy["refit_scales"] == 1 and roomy["notes"] == []   # room for it: the preset's refit stays on
+    refit = roomy["min_gpu_bytes"]
     lean = last_json(run_cli("plan", str(sparse_70b), "--gpu-mem", "40GiB", "--refit-scales", "0",
                              "--json").stdout)["min_gpu_bytes"]
     assert lean < refit   # a 70B down_proj's H + λI is 3.3 GB
@@ -80,8 +82,6 @@ def test_preset_refit_gives_way_to_the_budget_an_explicit_one_is_refused(sparse_
     shown = run_cli("plan", str(sparse_70b), "--gpu-mem", budget)
     assert shown.returncode == 0 and "scale refit is off" in shown.stdout
     assert "scales refitted" not in shown.stdout   # the scheme line tells what runs
-    roomy = last_json(run_cli("plan", str(sparse_70b), "--gpu-mem", "40GiB", "--json").stdout)
-    assert roomy["refit_scales"] == 1 and roomy["notes"] == []
 
 
 def test_dry_run_writes_nothing(tiny_models, tmp_path):
