@@ -170,7 +170,7 @@ def run_cmd(
     r1_reservoir: str = typer.Option("256MiB", help="Byte budget of the sampled R1 calibration reservoir."),
     r1_epochs: int = typer.Option(10), r2_epochs: int = typer.Option(5, help="0: R2 stays its random Hadamard init."),
     r1_steps: int = typer.Option(10, "--r1-steps-per-epoch", help="R1 optimizer steps per epoch (each over a tenth of the epoch's 10 % of the reservoir); 0: steps of 64 rows."),
-    r1_lr: float = typer.Option(1e-3, "--r1-lr", help="R1's SGD learning rate (momentum 0.9), as in the reference code."),
+    r1_lr: Optional[float] = typer.Option(None, "--r1-lr", help="R1's SGD learning rate (momentum 0.9). [preset: 1e-2 in w4a4/w4a4kv4 (measured), else 1e-3 as in the reference code]"),
     eval: Optional[str] = typer.Option(None, "--eval", help="End with the quantized model's perplexity on this text."),
     eval_windows: Optional[int] = typer.Option(None, help="Evaluate the first N windows (default: all)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a stopped or killed run in --out."),
@@ -197,7 +197,7 @@ def run_cmd(
                      a_clip=a_clip, calib=calib, a_symmetric=a_symmetric, r4_online=r4_online,
                      samples=samples, seqlen=seqlen, seed=seed, dtype=dtype, device=device, micro_batch=micro_batch,
                      r1_reservoir_bytes=parse_bytes(r1_reservoir),
-                     r1_train=dc_replace(R1_CONFIG, epochs=r1_epochs, batches_per_epoch=r1_steps or None, lr=r1_lr),
+                     r1_train=dc_replace(R1_CONFIG, epochs=r1_epochs, batches_per_epoch=r1_steps or None),
                      r2_train=dc_replace(R2_CONFIG, epochs=r2_epochs), eval=eval, eval_windows=eval_windows,
                      format=fmt, gpu_mem=None if gpu_mem is None else parse_bytes(gpu_mem))
     cfg, choice = build_config(base, scheme, dict(method=method, w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits,
@@ -206,7 +206,7 @@ def run_cmd(
                                                   act_order=act_order, w_clip=w_clip, hessians=hessians,
                                                   calib_acts=calib_acts, o_online=o_online,
                                                   asym_calib=asym_calib, asym_targets=asym_targets,
-                                                  refit_scales=refit_scales))
+                                                  refit_scales=refit_scales, r1_lr=r1_lr))
     out_dir = None if no_write else Path(out) if out is not None else default_out(model, choice.scheme)
     cfg.out = out_dir
     if dry_run:

@@ -276,8 +276,8 @@ class Pipeline:
             return random_hadamard_matrix(n, self.cfg.seed)
         result = train_r1(reservoir, n, replace(self.cfg.r1_train, seed=self.cfg.seed), self.cfg.seed,
                           device=self.device)
-        self.stats.r1 = {"init_loss": result.init_loss, "final_loss": result.final_loss, "steps": result.steps,
-                         "loss_per_epoch": result.loss_history, "seconds": result.seconds}
+        self.stats.r1 = {"lr": self.cfg.r1_train.lr, "init_loss": result.init_loss, "final_loss": result.final_loss,
+                         "steps": result.steps, "loss_per_epoch": result.loss_history, "seconds": result.seconds}
         return result.rotation
 
     def embed(self, r1: torch.Tensor | None, calib: torch.Tensor | None, evals: torch.Tensor | None

@@ -19,6 +19,8 @@ import pytest
 
 from conftest import WIKITEXT
 
+# 5ac1622: the first commit whose CLI has --r1-lr (1e-3 everywhere then; for every command it writes c9b5abe's bytes).
+# The w4a4 presets took R1's step 1e-2 after it, so the W4A4 dart commands below name --r1-lr 1e-3.
 # c9b5abe: the scale refit's systems summed in another order and H + λI taken as is instead of rebuilt from its
 # inverse factor (the refit command's bytes move; the others write 855943a's). The w4a16 preset turned one round of
 # the refit on after it, so the W4A16 commands below name --refit-scales 0: they do what they did before.
@@ -33,15 +35,16 @@ from conftest import WIKITEXT
 # writes daed4b7's bytes (this test passed against daed4b7 at 640b828, and --o-online was off in every preset until after
 # 6450d0f). daed4b7: dart one-pass W4A16 learns R2 in the one-pass pass (o_proj's Hessian turned by R2, other
 # rounding); 8bd4aa7 (GPTQ scan gathers errors per column, issue 11), 2c5687d, 34c2f03, 0dbf21c before
-REFERENCE_COMMIT = "c9b5abe"
+REFERENCE_COMMIT = "5ac1622"
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--samples", "4", "--seqlen", "48", "--r1-epochs", "2", "--r2-epochs", "1", "--r1-reservoir", "1MiB", "--seed", "3"]
 SCHEMES = {   # name: (tiny model, options)
     # --refit-scales 0 in the W4A16 commands since the w4a16 preset turned one round of the scale refit on;
     # --no-w-clip, --no-o-online and --no-asym-calib since the w4a4 presets turned the MSE clip search, o_proj's
-    # online Hadamard and the asymmetric calibration on: the command names what it did before
+    # online Hadamard and the asymmetric calibration on, and --r1-lr 1e-3 since they took R1's step 1e-2: the command
+    # names what it did before
     "dart-w4a4-gptq": ("llama", ["--method", "dart", "--w-bits", "4", "--a-bits", "4", "--weights", "gptq",
-                                 "--no-w-clip", "--no-o-online", "--no-asym-calib"]),
+                                 "--no-w-clip", "--no-o-online", "--no-asym-calib", "--r1-lr", "1e-3"]),
     "dart-w4a16-gptq-g32": ("llama", ["--method", "dart", "--w-bits", "4", "--a-bits", "16", "--weights", "gptq",
                                       "--group-size", "32", "--refit-scales", "0"]),
     # data-free since issue 11 (no calibration pass at all): the same bytes as when it ran them
@@ -50,7 +53,7 @@ SCHEMES = {   # name: (tiny model, options)
     # sequential GPTQ of MoE experts: one pass fills a stage's expert Hessians (issue 11); d6c498f wrote the same
     # bytes as 2c5687d's pass per expert
     "dart-w4a4-gptq-mixtral": ("mixtral", ["--method", "dart", "--w-bits", "4", "--a-bits", "4", "--weights", "gptq",
-                                           "--no-w-clip", "--no-o-online", "--no-asym-calib"]),
+                                           "--no-w-clip", "--no-o-online", "--no-asym-calib", "--r1-lr", "1e-3"]),
     # GPTAQ's full-precision stream beside the quantized one, dense and MoE (expert stages run whole)
     "dart-w4a16-fp-targets": ("llama", ["--method", "dart", "--w-bits", "4", "--a-bits", "16", "--weights", "gptq",
                                         "--group-size", "16", "--hessians", "sequential", "--asym-calib",
