@@ -168,7 +168,7 @@ def test_r2_folded_into_the_pass_gives_the_hessians_of_a_pass_with_r2(tiny_model
 # every weight option named, so that --a-bits 4 and --a-bits 16 infer no different preset
 W4_EXPLICIT = ["--method", "dart", "--w-bits", "4", "--weights", "gptq", "--group-size", "16", "--w-sym",
                "--no-act-order", "--no-w-clip", "--hessians", "sequential", "--format", "streamquant", "--seed", "5",
-               "--no-o-online", "--refit-scales", "0"]
+               "--no-o-online", "--refit-scales", "0", "--r1-lr", "1e-3"]
 
 
 def block_weights(out: Path) -> dict[str, torch.Tensor]:
