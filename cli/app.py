@@ -170,7 +170,7 @@ def run_cmd(
     r1_reservoir: str = typer.Option("256MiB", help="Byte budget of the sampled R1 calibration reservoir."),
     r1_epochs: int = typer.Option(10), r2_epochs: int = typer.Option(5, help="0: R2 stays its random Hadamard init."),
     r1_steps: int = typer.Option(10, "--r1-steps-per-epoch", help="R1 optimizer steps per epoch (each over a tenth of the epoch's 10 % of the reservoir); 0: steps of 64 rows."),
-    r1_lr: Optional[float] = typer.Option(None, "--r1-lr", help="R1's SGD learning rate (momentum 0.9). [preset: 1e-2 in w4a4/w4a4kv4 (measured), else 1e-3 as in the reference code]"),
+    r1_lr: Optional[float] = typer.Option(None, "--r1-lr", help="R1's SGD learning rate (momentum 0.9). [preset: 1e-2 in w4a4 (measured), else 1e-3 as in the reference code]"),
     eval: Optional[str] = typer.Option(None, "--eval", help="End with the quantized model's perplexity on this text."),
     eval_windows: Optional[int] = typer.Option(None, help="Evaluate the first N windows (default: all)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a stopped or killed run in --out."),

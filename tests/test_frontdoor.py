@@ -87,10 +87,12 @@ def test_presets_fill_only_what_was_not_given(tiny_models):
     assert cfg.refit_scales == 3 and "scales refitted (3 rounds)" in choice.line(cfg)
     assert build_config(base, "w4a4", none)[0].refit_scales == 0
     assert build_config(base, "w4a16-r4", none)[0].refit_scales == 1
-    # R1's step 1e-2 in the W4A4 presets (also when inferred from --a-bits 4), the reference's 1e-3 elsewhere; as given
+    # R1's step 1e-2 in w4a4 (also when inferred from --a-bits 4), the reference's 1e-3 elsewhere; as given
     assert build_config(base, None, none)[0].r1_train.lr == 1e-3
     assert build_config(base, "w4a8", none)[0].r1_train.lr == build_config(base, "w8a8", none)[0].r1_train.lr == 1e-3
-    assert build_config(base, "w4a4", none)[0].r1_train.lr == build_config(base, "w4a4kv4", none)[0].r1_train.lr == 1e-2
+    assert build_config(base, "w4a4", none)[0].r1_train.lr == 1e-2
+    assert build_config(base, "w4a4kv4", none)[0].r1_train.lr == 1e-3
+    assert build_config(base, None, {**none, "kv_bits": 4})[0].r1_train.lr == 1e-3
     assert build_config(base, None, {**none, "a_bits": 4})[0].r1_train.lr == 1e-2
     assert build_config(base, "w4a4", {**none, "r1_lr": 3e-3})[0].r1_train.lr == 3e-3
     assert build_config(base, None, {**none, "r1_lr": 5e-4})[0].r1_train.lr == 5e-4
