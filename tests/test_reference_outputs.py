@@ -20,7 +20,7 @@ import pytest
 from conftest import WIKITEXT
 
 # 5ac1622: the first commit whose CLI has --r1-lr (1e-3 everywhere then; for every command it writes c9b5abe's bytes).
-# The w4a4 presets took R1's step 1e-2 after it, so the W4A4 dart commands below name --r1-lr 1e-3.
+# The w4a4 preset took R1's step 1e-2 after it, so the W4A4 dart commands below (which infer it) name --r1-lr 1e-3.
 # c9b5abe: the scale refit's systems summed in another order and H + λI taken as is instead of rebuilt from its
 # inverse factor (the refit command's bytes move; the others write 855943a's). The w4a16 preset turned one round of
 # the refit on after it, so the W4A16 commands below name --refit-scales 0: they do what they did before.
@@ -41,7 +41,7 @@ FAST = ["--samples", "4", "--seqlen", "48", "--r1-epochs", "2", "--r2-epochs", "
 SCHEMES = {   # name: (tiny model, options)
     # --refit-scales 0 in the W4A16 commands since the w4a16 preset turned one round of the scale refit on;
     # --no-w-clip, --no-o-online and --no-asym-calib since the w4a4 presets turned the MSE clip search, o_proj's
-    # online Hadamard and the asymmetric calibration on, and --r1-lr 1e-3 since they took R1's step 1e-2: the command
+    # online Hadamard and the asymmetric calibration on, and --r1-lr 1e-3 since w4a4 took R1's step 1e-2: the command
     # names what it did before
     "dart-w4a4-gptq": ("llama", ["--method", "dart", "--w-bits", "4", "--a-bits", "4", "--weights", "gptq",
                                  "--no-w-clip", "--no-o-online", "--no-asym-calib", "--r1-lr", "1e-3"]),
