@@ -5,8 +5,8 @@ linears' own rows.
 At W4A16 nothing quantizes activations, so R1's only work is on q/k/v/gate/up's input dimension (where their
 quantization groups lie): a row w of W becomes w @ R1, exactly as an activation row does. This fits R1 with
 `train_rotation` (the pipeline's own loop) on every such row of the norm-fused model, each scaled to RMS 1 (the
-Whip loss is scale-dependent), and reports the relative error Σ‖Q(W R) − W R‖² / Σ‖W‖² averaged over the linears
-(min-max asymmetric groups of 64, the best W4A16 options' grid).
+Whip loss is scale-dependent), and reports each linear's relative error ‖Q(W R) − W R‖² / ‖W‖², averaged over the
+linears (min-max asymmetric groups of 64, the best W4A16 options' grid).
     python benchmarks/r1_on_weights.py --model smollm2-135m --lrs 1e-3 1e-2
 """
 from __future__ import annotations
