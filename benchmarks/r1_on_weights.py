@@ -4,7 +4,7 @@ linears' own rows.
 
 At W4A16 nothing quantizes activations, so R1's only work is on q/k/v/gate/up's input dimension (where their
 quantization groups lie): a row w of W becomes w @ R1, exactly as an activation row does. This fits R1 with
-`train_rotation` (the pipeline's own loop) on every such row of the norm-fused model, each scaled to RMS 1 (the
+`train_r1` (the pipeline's own fit) on every such row of the norm-fused model, each scaled to RMS 1 (the
 Whip loss is scale-dependent), and reports each linear's relative error ‖Q(W R) − W R‖² / ‖W‖², averaged over the
 linears (min-max asymmetric groups of 64, the best W4A16 options' grid).
     python benchmarks/r1_on_weights.py --model smollm2-135m --lrs 1e-3 1e-2
@@ -25,16 +25,19 @@ from _common import append_results  # noqa: E402
 
 
 def residual_readers(model_dir: Path) -> list[torch.Tensor]:
-    """q/k/v/gate/up weights of every layer with their RMSNorm scale fused into the input columns (fp64)."""
-    from transformers import AutoModelForCausalLM
+    """The linears R1 rotates on their input side (Llama: q/k/v, gate/up) with their norm's σ fused in, block by
+    block from the checkpoint's shards, in fp64."""
+    from streamquant.rotate.fuse import fuse_norms
+    from streamquant.shards import ShardIndex
+    from streamquant.spec import read_spec
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    spec = read_spec(model_dir)
+    index = ShardIndex(model_dir, spec)
+    names = [name for nm in spec.arch.norms for name in nm.readers]
     mats = []
-    for layer in model.model.layers:
-        for norm, linears in ((layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                                                       layer.self_attn.v_proj)),
-                              (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj))):
-            mats += [(lin.weight.detach() * norm.weight.detach()[None]).double() for lin in linears]
+    for i in range(spec.num_layers):
+        block = fuse_norms({k: v.double() for k, v in index.load_block(i).items()}, spec.arch)
+        mats += [block[f"{name}.weight"] for name in names]
     return mats
 
 
@@ -52,7 +55,7 @@ def mean_error(mats: list[torch.Tensor], r: torch.Tensor) -> float:
 
 def main() -> None:
     from streamquant.kernels.hadamard import random_hadamard_matrix
-    from streamquant.rotate.dart import R1_CONFIG, train_rotation
+    from streamquant.rotate.dart import R1_CONFIG, train_r1
     from streamquant.source import resolve_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,7 +72,7 @@ def main() -> None:
                {"r1": "random Hadamard (QuaRot)", "rtn_error": mean_error(mats, hadamard)}]
     for lr in args.lrs:
         t0 = time.perf_counter()
-        fit = train_rotation(rows, hadamard.float(), replace(R1_CONFIG, lr=lr, seed=args.seed))
+        fit = train_r1(rows, n, replace(R1_CONFIG, lr=lr, seed=args.seed), args.seed)   # starts at `hadamard`
         results.append({"r1": f"Whip fit on the weight rows, lr {lr:g}", "rtn_error": mean_error(mats, fit.rotation),
                         "whip": [fit.init_loss, fit.final_loss], "steps": fit.steps,
                         "seconds": time.perf_counter() - t0})
