@@ -10,8 +10,9 @@ calibration inputs (the quantized model's states). A block keeps the result only
 `--held K` tunes on the first N - K calibration windows and reports the block loss on the last K as well (an
 overfitting check; the run's PPL then comes from scales tuned on fewer windows). Protocol: issue 17's (SmolLM2-135M,
 16 × 512 windows of valid.txt, seed 0, the first 8 windows of 512 of test.txt, fp32).
-    python benchmarks/block_tune.py --steps 20
-    python benchmarks/block_tune.py --steps 100 --batch 2 --held 4
+    python benchmarks/block_tune.py --steps 20 --seed 0
+    python benchmarks/block_tune.py --steps 40 --batch 2 --held 4
+    python benchmarks/block_tune.py --steps 40 --batch 2 --lr-codes 0.04
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -43,18 +43,16 @@ class _RoundSTE(torch.autograd.Function):
         return grad
 
 
-def _expand(p: torch.Tensor, columns: int) -> torch.Tensor:
-    return p.repeat_interleave(columns // p.shape[1], dim=1)
-
-
-def tune_block(forward, codes: dict, qrange: tuple[int, int], windows: int, args, gen: torch.Generator,
-               held: int) -> tuple[dict, dict]:
+def tune_block(forward, codes: dict, qrange: tuple[int, int], group_size: int, windows: int, args,
+               gen: torch.Generator) -> tuple[dict, dict]:
     """Tune the scales (and codes) of `codes` {linear: (q, scale, zero)} so that forward(weights, rows) — the
     quantized block's output minus its full-precision target, for calibration windows `rows` — shrinks.
     Returns the new codes (empty if the loss did not fall) and the losses."""
+    from streamquant.quant.quantizers import _expand
+
     qmin, qmax = qrange
-    train = windows - held
-    state = {n: {"q": q.float(), "s": s.float(), "z": _expand(z.float(), q.shape[1]),
+    train = windows - args.held
+    state = {n: {"q": q.float(), "s": s.float(), "z": _expand(z.float(), group_size, q.shape[1]),
                  "V": torch.zeros(q.shape, requires_grad=True), "a": torch.zeros(s.shape, requires_grad=True)}
              for n, (q, s, z) in codes.items()}
     adam = torch.optim.Adam([st["a"] for st in state.values()], lr=args.lr_scales)
@@ -64,7 +62,7 @@ def tune_block(forward, codes: dict, qrange: tuple[int, int], windows: int, args
         for n, st in state.items():
             offset = torch.round(st["V"]) if hard else _RoundSTE.apply(st["V"])
             code = (st["q"] + offset).clamp(qmin, qmax)
-            out[n] = (code - st["z"]) * _expand(st["s"] * torch.exp(st["a"]), code.shape[1])
+            out[n] = (code - st["z"]) * _expand(st["s"] * torch.exp(st["a"]), group_size, code.shape[1])
         return out
 
     def mean_loss(rows: range) -> float:
@@ -131,8 +129,8 @@ def tuned_pipeline(args):
 
             t0 = time.perf_counter()
             gen = torch.Generator().manual_seed(self.cfg.seed + 7 * i)
-            new, block_losses = tune_block(run, codes, code_range(wcfg.bits, wcfg.symmetric), hidden.shape[0],
-                                           args, gen, args.held)
+            new, block_losses = tune_block(run, codes, code_range(wcfg.bits, wcfg.symmetric), wcfg.group_size,
+                                           hidden.shape[0], args, gen)
             for n, (q, s, z) in new.items():
                 codes[n] = (q, s, z)
                 linears[n].weight.data = dequantize_weight(q, s, z, wcfg.group_size).to(dtype)
@@ -193,6 +191,7 @@ def record(args, summary: dict, blocks: list[dict]) -> None:
                  + ("" if b["kept"] else " (dropped)") for b in blocks]
     append_results("Block-output tuning after GPTQ (best W4A16 dart options)", table,
                    summary | {"blocks": per_block})
+
 
 if __name__ == "__main__":
     main()
