@@ -9,7 +9,8 @@ method/weights/w_bits/a_bits/kv_bits[/group_size] (e.g. `dart/gptq/4/16/16/64`).
 quality protocol (SmolLM2-135M, calib valid.txt 16 × 512, seed 0, the first 8 windows of 512 of test.txt, fp32);
 `--extra` adds options to every row. `--transformers` also writes each checkpoint and scores it through
 transformers' own forward (`streamquant.load`: transformers with compressed-tensors' decompression), the protocol's
-independent score for exportable (W4A16, W8A8, W4A8) outputs.
+independent score for exportable (W4A16, W8A8, W4A8) outputs; a streamquant-format output (activation or KV quantizers,
+`--o-online`) has none and shows "–".
 """
 from __future__ import annotations
 
@@ -66,7 +67,10 @@ def measure(args, exe: Path, row: str, seed: int) -> dict:
         result = {"row": row, "seed": seed, "ppl": res["ppl"], "seconds": res["seconds"],
                   "stage_seconds": res["stage_seconds"],
                   "r1": {k: res["r1"].get(k) for k in ("init_loss", "final_loss", "steps")} if res["r1"] else {}}
-        if args.transformers:
+        if args.transformers and res["format"] == "streamquant":
+            # online R3/R4, a KV or an activation quantizer that no standard runtime expresses: nothing to score
+            result["transformers_ppl"] = None
+        elif args.transformers:
             score = subprocess.run([sys.executable, __file__, "--score", out, "--eval", args.eval, "--seqlen",
                                     str(args.seqlen), "--eval-windows", str(args.eval_windows)],
                                    capture_output=True, text=True, env=env)
@@ -111,6 +115,8 @@ def main() -> None:
     lines = [head, "|---|" + "---|" * (len(seeds) + (len(seeds) > 1))]
 
     def cell(rs: list[dict], key: str) -> list[str]:
+        if any(r[key] is None for r in rs):   # transformers_ppl of a streamquant-format output
+            return ["– (streamquant format)"] * (len(rs) + (len(rs) > 1))
         cells = [f"{r[key]:.2f}" for r in rs]
         return cells + ([f"{sum(r[key] for r in rs) / len(rs):.2f}"] if len(rs) > 1 else [])
 
