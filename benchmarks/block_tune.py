@@ -119,7 +119,7 @@ def tuned_pipeline(args):
             dtype = next(iter(full.values())).dtype
 
             def run(weights: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-                x = hidden[rows].clone().to(engine.device)
+                x = hidden[rows].to(engine.device)   # indexing by a tensor already copies
                 params = {f"{n}.weight": w.to(dtype) for n, w in weights.items()}
                 y = functional_call(layer, params, (x,), {"attention_mask": mask, "position_embeddings": pos})
                 with torch.no_grad():
